@@ -1,0 +1,1 @@
+"""The front end's syntax layer: grammar -> AST with spans."""

@@ -1,0 +1,387 @@
+"""Text -> AST. Lark (LALR) parses; one transformer method per grammar rule
+builds a frozen AST node with its span (cairo-lang's habit). Syntax errors
+become diagnostics E001/E002; nothing here raises a Lark exception at a user.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+from typing import Any
+
+import lark
+from lark import Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from fedlang.diagnostics import Diagnostic, FedlangError, InternalCompilerError, Span
+from fedlang.syntax import ast
+
+KEYWORDS = frozenset(
+    "import as type fn comp process let return if then else and or not true false CLIENTS SERVER".split())
+DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64", "string")
+
+
+@functools.cache
+def _parser() -> lark.Lark:
+    grammar = importlib.resources.files("fedlang.grammar").joinpath("fedlang.lark").read_text("utf-8")
+    return lark.Lark(grammar, parser="lalr", lexer="basic", start=["module", "type_only"],
+                     propagate_positions=True, maybe_placeholders=True)
+
+
+class SyntaxErrors(FedlangError):
+    """The text does not parse; `diagnostics` says where."""
+
+
+def parse_module(text: str, file: str) -> ast.Module:
+    return _parse(text, file, "module")
+
+
+def parse_type_expr(text: str, file: str = "<type>") -> ast.TypeExpr:
+    return _parse(text, file, "type_only")
+
+
+def _parse(text: str, file: str, start: str) -> Any:
+    try:
+        tree = _parser().parse(text, start=start)
+    except UnexpectedInput as error:
+        raise SyntaxErrors([_syntax_diagnostic(error, text, file)]) from None
+    try:
+        return _ToAst(file).transform(tree)
+    except VisitError as error:
+        if isinstance(error.orig_exc, SyntaxErrors):
+            raise error.orig_exc from None
+        raise InternalCompilerError(f"AST construction failed: {error.orig_exc!r}") from error.orig_exc
+
+
+# ---- syntax errors -------------------------------------------------------------
+
+_READABLE = {
+    "NAME": "a name", "INT": "an integer", "FLOAT": "a float", "STRING": "a string",
+    "DTYPE": "a dtype", "TRUE": "`true`", "FALSE": "`false`", "CLIENTS": "`CLIENTS`",
+    "SERVER": "`SERVER`", "$END": "end of file",
+}
+
+
+def _readable(terminal: str) -> str:
+    if terminal in _READABLE:
+        return _READABLE[terminal]
+    definition = _parser().get_terminal(terminal) if terminal in _terminal_names() else None
+    if definition is not None and definition.pattern.type == "str":
+        return f"`{definition.pattern.value}`"
+    return terminal.lower()
+
+
+@functools.cache
+def _terminal_names() -> frozenset[str]:
+    return frozenset(t.name for t in _parser().terminals)
+
+
+def _expected_help(expected: set[str] | frozenset[str]) -> str | None:
+    names = sorted({_readable(t) for t in expected})
+    if not names:
+        return None
+    if len(names) > 8:
+        names = names[:8] + ["..."]
+    return "expected " + ", ".join(names)
+
+
+def _point(file: str, line: int, column: int, width: int = 1) -> Span:
+    return Span(file, line, column, line, column + max(width, 1))
+
+
+def _syntax_diagnostic(error: UnexpectedInput, text: str, file: str) -> Diagnostic:
+    if isinstance(error, UnexpectedCharacters):
+        char = text[error.pos_in_stream] if 0 <= error.pos_in_stream < len(text) else "?"
+        return Diagnostic("E002", f"unexpected character {char!r}", _point(file, error.line, error.column),
+                          label="not part of fedlang",
+                          help=_expected_help(error.allowed or set()))
+    if isinstance(error, UnexpectedToken):
+        token = error.token
+        if token.type == "$END":
+            line, column = _end_position(text)
+            return Diagnostic("E001", "unexpected end of file", _point(file, line, column),
+                              label="the program stops here", help=_expected_help(error.expected))
+        shown = str(token)
+        what = f"keyword `{shown}`" if shown in KEYWORDS else f"`{shown}`"
+        help_line = _expected_help(error.expected)
+        if shown in KEYWORDS and "NAME" in error.expected:
+            help_line = f"`{shown}` is a keyword and cannot be used as a name; " + (help_line or "")
+        return Diagnostic("E001", f"unexpected {what}",
+                          _point(file, token.line, token.column, len(shown)),
+                          label="unexpected here", help=help_line)
+    if isinstance(error, UnexpectedEOF):
+        line, column = _end_position(text)
+        return Diagnostic("E001", "unexpected end of file", _point(file, line, column),
+                          label="the program stops here", help=_expected_help(set(error.expected)))
+    raise InternalCompilerError(f"unknown Lark error {error!r}")
+
+
+def _end_position(text: str) -> tuple[int, int]:
+    lines = text.split("\n")
+    return len(lines), len(lines[-1]) + 1
+
+
+# ---- tree -> AST ---------------------------------------------------------------
+
+def _token_span(file: str, token: Token) -> Span:
+    return Span(file, token.line, token.column, token.end_line, token.end_column)
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    """One method per grammar rule; anything else is a bug (see __default__)."""
+
+    def __init__(self, file: str):
+        super().__init__(visit_tokens=False)
+        self.file = file
+
+    def __default__(self, data, children, meta):
+        raise InternalCompilerError(f"grammar rule {data!r} has no AST method")
+
+    def _span(self, meta) -> Span:
+        return Span(self.file, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _tok(self, token: Token) -> Span:
+        return _token_span(self.file, token)
+
+    # -- module and declarations
+    def module(self, meta, decls):
+        if meta.empty:
+            return ast.Module(Span(self.file, 1, 1, 1, 1), tuple(decls))
+        return ast.Module(self._span(meta), tuple(decls))
+
+    def import_decl(self, meta, children):
+        (kind, value, target_span), alias = children
+        return ast.Import(self._span(meta), str(alias), self._tok(alias),
+                          std=value if kind == "std" else None,
+                          path=value if kind == "path" else None,
+                          target_span=target_span)
+
+    def module_path(self, meta, children):
+        (child,) = children
+        if isinstance(child, Token):        # STRING
+            return ("path", _unquote(child, self.file), self._tok(child))
+        parts, span = child
+        if len(parts) == 2 and parts[0] == "std":
+            return ("std", parts[1], span)
+        raise SyntaxErrors([Diagnostic(
+            "E020", f"cannot import `{'.'.join(parts)}`", span, label="not a module path",
+            help='import a standard module as `std.NAME` or a file as `"path/to/file.fed"`')])
+
+    def dotted_name(self, meta, names):
+        return [str(n) for n in names], self._span(meta)
+
+    def type_decl(self, meta, children):
+        name, type_expr = children
+        return ast.TypeDecl(self._span(meta), str(name), self._tok(name), type_expr)
+
+    def fn_decl(self, meta, children):
+        return self._function(meta, children, federated=False)
+
+    def comp_decl(self, meta, children):
+        return self._function(meta, children, federated=True)
+
+    def _function(self, meta, children, federated):
+        name, params, result, body = children
+        return ast.FunctionDecl(self._span(meta), str(name), self._tok(name), federated, params, result, body)
+
+    def process_decl(self, meta, children):
+        name, *fields = children
+        return ast.ProcessDecl(self._span(meta), str(name), self._tok(name), tuple(fields))
+
+    def process_field(self, meta, children):
+        key, value = children
+        return (str(key), self._tok(key), value)
+
+    def param_list(self, meta, children):
+        return tuple(p for p in children if p is not None)
+
+    def param(self, meta, children):
+        name, type_expr = children
+        return ast.Param(self._span(meta), str(name), type_expr)
+
+    def block(self, meta, children):
+        *lets, result = children
+        return ast.Block(self._span(meta), tuple(lets), result)
+
+    def let_stmt(self, meta, children):
+        (names, destructure), value = children
+        return ast.Let(self._span(meta), names, destructure, value)
+
+    def name_pattern(self, meta, children):
+        return (str(children[0]),), False
+
+    def tuple_pattern(self, meta, children):
+        return tuple(str(c) for c in children), True
+
+    # -- types
+    def type_only(self, meta, children):
+        return children[0]
+
+    def sequence_type(self, meta, children):
+        return ast.SequenceTypeExpr(self._span(meta), children[0])
+
+    def all_equal_type(self, meta, children):
+        member, placement = children
+        return ast.FederatedTypeExpr(self._span(meta), member, placement, all_equal=True)
+
+    def federated_type(self, meta, children):
+        member, placement = children
+        return ast.FederatedTypeExpr(self._span(meta), member, placement, all_equal=False)
+
+    def placement(self, meta, children):
+        return str(children[0])
+
+    def tensor_type(self, meta, children):
+        dtype, *dims = children
+        return ast.TensorTypeExpr(self._span(meta), str(dtype), tuple(dims))
+
+    def dim(self, meta, children):
+        return int(children[0]) if children else None
+
+    def struct_type(self, meta, children):
+        return ast.StructTypeExpr(self._span(meta), tuple(f for f in children if f is not None))
+
+    def named_type_field(self, meta, children):
+        name, type_expr = children
+        return (str(name), type_expr)
+
+    def unnamed_type_field(self, meta, children):
+        return (None, children[0])
+
+    def function_type(self, meta, children):
+        parameter, result = children
+        return ast.FunctionTypeExpr(self._span(meta), parameter, result)
+
+    def named_type(self, meta, children):
+        if len(children) == 2 and children[1] is not None:
+            return ast.NamedTypeExpr(self._span(meta), str(children[0]), str(children[1]))
+        return ast.NamedTypeExpr(self._span(meta), None, str(children[0]))
+
+    # -- expressions
+    def lambda_expr(self, meta, children):
+        params, result, body = children
+        return ast.Lambda(self._span(meta), params, result, body)
+
+    def if_expr(self, meta, children):
+        return ast.If(self._span(meta), *children)
+
+    def _binary(op):
+        def method(self, meta, children):
+            left, right = children
+            return ast.BinOp(self._span(meta), op, left, right)
+        return method
+
+    or_ = _binary("or")
+    and_ = _binary("and")
+    eq = _binary("==")
+    ne = _binary("!=")
+    lt = _binary("<")
+    le = _binary("<=")
+    gt = _binary(">")
+    ge = _binary(">=")
+    add = _binary("+")
+    sub = _binary("-")
+    mul = _binary("*")
+    div = _binary("/")
+    mod = _binary("%")
+    pow = _binary("**")
+    del _binary
+
+    def not_(self, meta, children):
+        return ast.UnaryOp(self._span(meta), "not", children[0])
+
+    def neg(self, meta, children):
+        return ast.UnaryOp(self._span(meta), "-", children[0])
+
+    def call(self, meta, children):
+        func, args = children
+        return ast.Call(self._span(meta), func, args)
+
+    def select(self, meta, children):
+        base, name = children
+        return ast.Select(self._span(meta), base, str(name), self._tok(name))
+
+    def index(self, meta, children):
+        base, index = children
+        return ast.Index(self._span(meta), base, index)
+
+    def name(self, meta, children):
+        return ast.Name(self._span(meta), str(children[0]))
+
+    def int_lit(self, meta, children):
+        return ast.IntLit(self._span(meta), int(children[0]))
+
+    def float_lit(self, meta, children):
+        return ast.FloatLit(self._span(meta), float(children[0]), str(children[0]))
+
+    def true_lit(self, meta, children):
+        return ast.BoolLit(self._span(meta), True)
+
+    def false_lit(self, meta, children):
+        return ast.BoolLit(self._span(meta), False)
+
+    def string_lit(self, meta, children):
+        return ast.StringLit(self._span(meta), _unquote(children[0], self.file))
+
+    def dtype_lit(self, meta, children):
+        return ast.DTypeLit(self._span(meta), str(children[0]))
+
+    def placement_lit(self, meta, children):
+        return ast.PlacementLit(self._span(meta), str(children[0]))
+
+    def empty_struct(self, meta, children):
+        return ast.StructLit(self._span(meta), ())
+
+    def paren(self, meta, children):
+        return children[0]
+
+    def struct_lit(self, meta, children):
+        return ast.StructLit(self._span(meta), tuple(children))
+
+    def named_struct_one(self, meta, children):
+        name, value = children
+        return ast.StructLit(self._span(meta), ((str(name), value),))
+
+    def named_field(self, meta, children):
+        name, value = children
+        return (str(name), value)
+
+    def unnamed_field(self, meta, children):
+        return (None, children[0])
+
+    def list_lit(self, meta, children):
+        return ast.ListLit(self._span(meta), tuple(c for c in children if c is not None))
+
+    def arg_list(self, meta, children):
+        return tuple(a for a in children if a is not None)
+
+    def keyword_arg(self, meta, children):
+        name, value = children
+        return ast.Arg(self._span(meta), str(name), value)
+
+    def positional_arg(self, meta, children):
+        return ast.Arg(self._span(meta), None, children[0])
+
+
+_ESCAPES = {"\\": "\\", '"': '"', "n": "\n", "t": "\t"}
+
+
+def _unquote(token: Token, file: str) -> str:
+    """The text of a string literal; escapes: \\\\ \\" \\n \\t."""
+    body, out, i = str(token)[1:-1], [], 0
+    while i < len(body):
+        if body[i] == "\\":
+            char = body[i + 1]
+            if char not in _ESCAPES:
+                column = token.column + 1 + i
+                raise SyntaxErrors([Diagnostic(
+                    "E002", f"unknown escape `\\{char}` in a string",
+                    Span(file, token.line, column, token.line, column + 2),
+                    help='strings know the escapes \\\\ \\" \\n \\t')])
+            out.append(_ESCAPES[char])
+            i += 2
+        else:
+            out.append(body[i])
+            i += 1
+    return "".join(out)

@@ -1,0 +1,1 @@
+"""The fedlang grammar (fedlang.lark), shipped as package data."""

@@ -1,0 +1,825 @@
+"""The primitive table: every local builtin (LANGUAGE.md section 5), every
+operator, and every federated intrinsic (section 6), declared once.
+
+Each entry carries its parameter list (which arguments are values and which
+are static: an axis, a shape, a dtype, a placement) and its type rule. The
+checker uses the rule on abstract values; later stages add their rules
+(reference implementation, derivative, batching, lowering) to the same entry.
+
+A type rule takes the bound arguments (values as `AVal`, statics as Python
+values) and returns an `AVal`, or raises `TypeRuleError` naming the argument
+at fault, so the checker can point at it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fedlang.ir.avals import UNKNOWN, UNKNOWN_AVAL, AVal, accepts, describe, function_parameters, strong
+from fedlang.ir.types import (FLOAT_DTYPES, INTEGER_DTYPES, NUMERIC_DTYPES, FederatedType, FunctionType,
+                              Placement, SequenceType, StructType, TensorType, Type, is_assignable, leaves)
+
+REQUIRED = object()
+ORDINALS = ("1st", "2nd", "3rd") + tuple(f"{i}th" for i in range(4, 21))
+
+
+class TypeRuleError(Exception):
+    """A call is ill typed. `arg` is the parameter name at fault (None: the call)."""
+
+    def __init__(self, message: str, arg: str | None = None, help: str | None = None,
+                 code: str = "E040", label: str | None = None):
+        super().__init__(message)
+        self.message, self.arg, self.help, self.code, self.label = message, arg, help, code, label
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    name: str
+    kind: str = "value"          # value | int | shape | dtype | placement
+    default: Any = REQUIRED
+
+
+@dataclass(frozen=True, slots=True)
+class Primitive:
+    name: str
+    signature: str               # one line, in type notation, for docs and messages
+    params: tuple[Param, ...]
+    type_rule: Callable[..., AVal]
+    federated: bool = False      # an intrinsic: only inside a `comp`
+    variadic: bool = False       # the last value parameter takes the remaining positionals
+    operator: str | None = None  # the source operator it implements ("+", "not", ...)
+
+
+# ---- helpers used by the rules ------------------------------------------------------
+
+def _tensor(aval: AVal, arg: str, what: str = "a tensor") -> TensorType:
+    if isinstance(aval.type, TensorType):
+        return aval.type
+    raise TypeRuleError(f"expected {what}, found {describe(aval.type)}", arg)
+
+
+def broadcast_shapes(a: tuple, b: tuple) -> tuple | None:
+    """NumPy broadcasting with unknown (`None`) dimensions; None if incompatible."""
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        x = a[-i] if i <= len(a) else 1
+        y = b[-i] if i <= len(b) else 1
+        if x == y:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        elif y == 1:
+            out.append(x)
+        elif x is None:
+            out.append(y)
+        elif y is None:
+            out.append(x)
+        else:
+            return None
+    return tuple(reversed(out))
+
+
+def _shape_text(shape: tuple) -> str:
+    return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def unify_dtypes(a: AVal, b: AVal, arg_a: str, arg_b: str) -> tuple[str, str | None]:
+    """The common dtype of two scalars-or-tensors, adapting weak literals.
+
+    Returns (dtype, weak kind of the result or None)."""
+    ta, tb = a.type, b.type
+    if a.weak and b.weak:
+        kind = "float" if "float" in (a.weak, b.weak) else "int"
+        return ("float32" if kind == "float" else "int32"), kind
+    if a.weak or b.weak:
+        literal, other, literal_arg = (a, tb, arg_a) if a.weak else (b, ta, arg_b)
+        if literal.weak == "float" and other.dtype not in FLOAT_DTYPES:
+            raise TypeRuleError(f"a float literal cannot become {other.dtype}", literal_arg, code="E055",
+                                help=f"write an integer, or cast the other side: cast(x, float32)")
+        if other.dtype in ("bool", "string"):
+            raise TypeRuleError(f"a number cannot meet a {other.dtype} value", literal_arg)
+        return other.dtype, None
+    if ta.dtype != tb.dtype:
+        raise TypeRuleError(f"mismatched dtypes {ta.dtype} and {tb.dtype}", None, code="E044",
+                            help=f"there is no implicit conversion; use cast(x, {ta.dtype}) on one side")
+    return ta.dtype, None
+
+
+def _leafwise(a: Type, b: Type, fn: Callable[[TensorType, TensorType], TensorType], arg_a, arg_b) -> Type:
+    """Apply `fn` leaf by leaf: struct-struct (same structure), or struct-tensor."""
+    if isinstance(a, StructType) and isinstance(b, StructType):
+        if a.names != b.names:
+            raise TypeRuleError(f"structs of different shapes: {a} and {b}", None, code="E044",
+                                help="leaf-wise arithmetic needs structs with the same fields in the same order")
+        return StructType(tuple((n, _leafwise(x, y, fn, arg_a, arg_b)) for (n, x), (_, y) in zip(a.fields, b.fields)))
+    if isinstance(a, StructType):
+        return StructType(tuple((n, _leafwise(x, b, fn, arg_a, arg_b)) for n, x in a.fields))
+    if isinstance(b, StructType):
+        return StructType(tuple((n, _leafwise(a, y, fn, arg_a, arg_b)) for n, y in b.fields))
+    if not isinstance(a, TensorType):
+        raise TypeRuleError(f"expected a tensor or a struct of tensors, found {describe(a)}", arg_a, code="E044")
+    if not isinstance(b, TensorType):
+        raise TypeRuleError(f"expected a tensor or a struct of tensors, found {describe(b)}", arg_b, code="E044")
+    return fn(a, b)
+
+
+def elementwise(a: AVal, b: AVal, dtypes: frozenset[str] | None, result_dtype: str | None = None,
+                what: str = "this operation", arg_a: str = "x", arg_b: str = "y") -> AVal:
+    """Type of a broadcasting binary op, leaf-wise on structs, with weak literals."""
+    if a.unknown or b.unknown:
+        return UNKNOWN_AVAL
+    result_weak: list[str | None] = [None]
+
+    def on_tensors(x: TensorType, y: TensorType) -> TensorType:
+        dtype, weak = unify_dtypes(AVal(x, a.weak), AVal(y, b.weak), arg_a, arg_b)
+        if dtypes is not None and dtype not in dtypes:
+            raise TypeRuleError(f"{what} is not defined on {dtype}", None, code="E050",
+                                help=_dtype_help(dtypes))
+        shape = broadcast_shapes(x.shape, y.shape)
+        if shape is None:
+            raise TypeRuleError(f"shapes {_shape_text(x.shape)} and {_shape_text(y.shape)} do not broadcast",
+                                None, code="E044", help="dimensions must be equal, or 1, as in NumPy")
+        result_weak[0] = weak
+        return TensorType(result_dtype or dtype, shape)
+
+    t = _leafwise(a.type, b.type, on_tensors, arg_a, arg_b)
+    weak = result_weak[0] if isinstance(t, TensorType) and result_dtype is None else None
+    return AVal(t, weak)
+
+
+def _dtype_help(dtypes: frozenset[str]) -> str:
+    if dtypes == FLOAT_DTYPES:
+        return "it needs floating-point values; cast(x, float32) first"
+    if dtypes == NUMERIC_DTYPES:
+        return "it needs numbers (int or float)"
+    if dtypes == frozenset({"bool"}):
+        return "it needs bool values; compare first, e.g. x > 0"
+    return "allowed dtypes: " + ", ".join(sorted(dtypes))
+
+
+def unary_elementwise(x: AVal, dtypes: frozenset[str], what: str, arg: str = "x") -> AVal:
+    """Type of a leaf-wise unary op on a tensor or a struct of tensors."""
+    if x.unknown:
+        return UNKNOWN_AVAL
+
+    def on(t: Type) -> Type:
+        if isinstance(t, StructType):
+            return StructType(tuple((n, on(f)) for n, f in t.fields))
+        if not isinstance(t, TensorType):
+            raise TypeRuleError(f"expected a tensor or a struct of tensors, found {describe(t)}", arg)
+        if x.weak:
+            return t
+        if t.dtype not in dtypes:
+            raise TypeRuleError(f"{what} is not defined on {t.dtype}", arg, code="E050", help=_dtype_help(dtypes))
+        return t
+
+    t = on(x.type)
+    if x.weak and dtypes == FLOAT_DTYPES and x.weak == "int":
+        return AVal(TensorType("float32"), "float")
+    return AVal(t, x.weak)
+
+
+def _axis(rank: int, axis: int, arg: str = "axis") -> int:
+    if not -rank <= axis < rank:
+        raise TypeRuleError(f"axis {axis} is out of range for a tensor of rank {rank}", arg, code="E049")
+    return axis % rank
+
+
+def _require_dtype(t: TensorType, dtypes: frozenset[str], arg: str, what: str) -> None:
+    if t.dtype not in dtypes:
+        raise TypeRuleError(f"{what} is not defined on {t.dtype}", arg, code="E050", help=_dtype_help(dtypes))
+
+
+def _scalar(aval: AVal, dtypes: frozenset[str], arg: str, what: str) -> None:
+    """A scalar of one of `dtypes`; weak literals of the right kind are fine."""
+    if aval.unknown:
+        return
+    if aval.weak:
+        if aval.weak == "float" and not (dtypes & FLOAT_DTYPES):
+            raise TypeRuleError(f"{what} must be an integer, found a float literal", arg, code="E055")
+        return
+    t = _tensor(aval, arg, f"a scalar ({what})")
+    if t.shape != () or t.dtype not in dtypes:
+        raise TypeRuleError(f"{what} must be a scalar of {' or '.join(sorted(dtypes))}, found {t}", arg)
+
+
+def _function(aval: AVal, arg: str) -> FunctionType:
+    if isinstance(aval.type, FunctionType):
+        return aval.type
+    raise TypeRuleError(f"expected a function, found {describe(aval.type)}", arg,
+                        help="pass an `fn` by name or a lambda: fn(x: T) -> U = ...")
+
+
+def _check_call(fn: AVal, args: list[AVal], arg: str, context: str) -> Type:
+    """Type of calling function value `fn` with `args`; errors name `context`."""
+    ft = _function(fn, arg)
+    params = function_parameters(fn)
+    if params is not None and len(params) != len(args) and len(params) == 1 and len(args) > 1 \
+            and isinstance(ft.parameter, StructType) and len(ft.parameter.fields) == len(args):
+        params = ft.parameter.types
+    if params is None or len(params) != len(args):
+        expects = "no argument" if not params else f"{len(params)} argument{'s' if len(params) != 1 else ''}"
+        raise TypeRuleError(f"{context}: the function takes {expects} but gets {len(args)}", arg, code="E041",
+                            label=f"this is {ft}")
+    for i, (expected, given) in enumerate(zip(params, args)):
+        if not accepts(expected, given):
+            raise TypeRuleError(
+                f"{context}: the function's {ORDINALS[i]} parameter is {expected} but it gets {given.type}", arg,
+                label=f"this is {ft}")
+    return ft.result
+
+
+def _member(aval: AVal) -> Type:
+    return aval.type.member if isinstance(aval.type, FederatedType) else aval.type
+
+
+def _at(aval: AVal, placement: Placement, arg: str, prim: str, position: int, code: str = "E068") -> FederatedType:
+    """`aval` must be a federated value at `placement`."""
+    t = aval.type
+    if isinstance(t, FederatedType) and t.placement is placement:
+        return t
+    where = "unplaced" if not isinstance(t, FederatedType) else f"at {t.placement}"
+    help_line = {
+        (Placement.CLIENTS, "unplaced"): "place it first: federated_value(v, CLIENTS)",
+        (Placement.SERVER, "unplaced"): "place it first: federated_value(v, SERVER)",
+        (Placement.CLIENTS, "at SERVER"): "send it to the clients first: federated_broadcast(v)",
+        (Placement.SERVER, "at CLIENTS"): "aggregate it first: federated_sum, federated_mean, ...",
+    }.get((placement, where))
+    raise TypeRuleError(f"the {ORDINALS[position]} argument of {prim} must be at {placement}; "
+                        f"this value is {describe(t)}", arg, help=help_line,
+                        code=code if isinstance(t, FederatedType) else "E040", label=f"{where}")
+
+
+def _numeric_leaves(t: Type, dtypes: frozenset[str], arg: str, prim: str, what: str) -> None:
+    if isinstance(t, StructType):
+        for _, f in t.fields:
+            _numeric_leaves(f, dtypes, arg, prim, what)
+        return
+    if not isinstance(t, TensorType):
+        raise TypeRuleError(f"{prim} needs {what} values (tensors or structs of them), found {describe(t)}", arg)
+    if t.dtype not in dtypes:
+        raise TypeRuleError(f"{prim} needs {what} values, found {t.dtype}", arg, code="E050",
+                            help=_dtype_help(dtypes))
+
+
+# ---- rules: operators ----------------------------------------------------------------
+
+def _arith(name: str, dtypes: frozenset[str]):
+    def rule(x: AVal, y: AVal) -> AVal:
+        return elementwise(x, y, dtypes, what=f"`{name}`")
+    return rule
+
+
+def _compare(name: str, dtypes: frozenset[str] | None):
+    def rule(x: AVal, y: AVal) -> AVal:
+        if isinstance(x.type, StructType) or isinstance(y.type, StructType):
+            raise TypeRuleError(f"`{name}` compares tensors, not structs", None, code="E044")
+        return elementwise(x, y, dtypes, result_dtype="bool", what=f"`{name}`")
+    return rule
+
+
+def _neg(x: AVal) -> AVal:
+    return unary_elementwise(x, NUMERIC_DTYPES, "`-`")
+
+
+def _not(x: AVal) -> AVal:
+    return unary_elementwise(x, frozenset({"bool"}), "`not`")
+
+
+def _div(x: AVal, y: AVal) -> AVal:
+    if x.weak == "int" and y.weak == "int":
+        raise TypeRuleError("`/` divides floating-point values; both sides are integer literals", None,
+                            code="E050", help="write a float literal, e.g. 1.0 / 2")
+    return elementwise(x, y, FLOAT_DTYPES, what="`/`")
+
+
+# ---- rules: local builtins -----------------------------------------------------------
+
+def _unary(name: str, dtypes: frozenset[str]):
+    def rule(x: AVal) -> AVal:
+        return unary_elementwise(x, dtypes, f"{name}")
+    return rule
+
+
+def _binary(name: str, dtypes: frozenset[str]):
+    def rule(x: AVal, y: AVal) -> AVal:
+        return elementwise(x, y, dtypes, what=name)
+    return rule
+
+
+def _matmul(a: AVal, b: AVal) -> AVal:
+    if a.unknown or b.unknown:
+        return UNKNOWN_AVAL
+    x, y = _tensor(a, "a"), _tensor(b, "b")
+    dtype, _ = unify_dtypes(strong(a), strong(b), "a", "b")
+    if dtype not in NUMERIC_DTYPES:
+        raise TypeRuleError(f"matmul is not defined on {dtype}", "a", code="E050")
+    if x.rank == 0 or y.rank == 0:
+        raise TypeRuleError("matmul needs tensors of rank 1 or more", "a" if x.rank == 0 else "b", code="E056")
+    xs = x.shape if x.rank > 1 else (1,) + x.shape
+    ys = y.shape if y.rank > 1 else y.shape + (1,)
+    k1, k2 = xs[-1], ys[-2]
+    if k1 is not None and k2 is not None and k1 != k2:
+        raise TypeRuleError(f"matmul of {x} and {y}: inner dimensions {k1} and {k2} differ", None, code="E056")
+    batch = broadcast_shapes(xs[:-2], ys[:-2])
+    if batch is None:
+        raise TypeRuleError(f"matmul of {x} and {y}: batch dimensions do not broadcast", None, code="E056")
+    shape = batch + ((xs[-2],) if x.rank > 1 else ()) + ((ys[-1],) if y.rank > 1 else ())
+    return AVal(TensorType(dtype, shape))
+
+
+def _softmax(name: str):
+    def rule(x: AVal, axis: int) -> AVal:
+        t = _tensor(strong(x), "x")
+        _require_dtype(t, FLOAT_DTYPES, "x", name)
+        if t.rank == 0:
+            raise TypeRuleError(f"{name} needs a tensor of rank 1 or more", "x", code="E056")
+        _axis(t.rank, axis)
+        return AVal(t)
+    return rule
+
+
+def _sparse_xent(labels: AVal, logits: AVal) -> AVal:
+    lab, log = _tensor(strong(labels), "labels"), _tensor(strong(logits), "logits")
+    _require_dtype(lab, INTEGER_DTYPES, "labels", "the labels of sparse_softmax_cross_entropy")
+    _require_dtype(log, FLOAT_DTYPES, "logits", "the logits of sparse_softmax_cross_entropy")
+    if log.rank != lab.rank + 1:
+        raise TypeRuleError(f"logits {log} must have one more dimension than labels {lab}", "logits",
+                            code="E056", help="labels[i] is a class index; logits[i] a row of class scores")
+    if any(d is not None and e is not None and d != e for d, e in zip(lab.shape, log.shape[:-1])):
+        raise TypeRuleError(f"labels {lab} and logits {log} disagree on the leading dimensions", "logits",
+                            code="E056")
+    shape = tuple(d if d is not None else e for d, e in zip(lab.shape, log.shape[:-1]))
+    return AVal(TensorType(log.dtype, shape))
+
+
+def _reduction(name: str, dtypes: frozenset[str]):
+    def rule(x: AVal, axis: int | None) -> AVal:
+        t = _tensor(strong(x), "x")
+        _require_dtype(t, dtypes, "x", name)
+        if axis is None:
+            return AVal(TensorType(t.dtype))
+        if t.rank == 0:
+            raise TypeRuleError(f"{name} over an axis needs a tensor of rank 1 or more", "x", code="E049")
+        a = _axis(t.rank, axis)
+        return AVal(TensorType(t.dtype, t.shape[:a] + t.shape[a + 1:]))
+    return rule
+
+
+def _argmax(x: AVal, axis: int) -> AVal:
+    t = _tensor(strong(x), "x")
+    _require_dtype(t, NUMERIC_DTYPES, "x", "argmax")
+    if t.rank == 0:
+        raise TypeRuleError("argmax needs a tensor of rank 1 or more", "x", code="E049")
+    a = _axis(t.rank, axis)
+    return AVal(TensorType("int32", t.shape[:a] + t.shape[a + 1:]))
+
+
+def _one_hot(i: AVal, depth: int) -> AVal:
+    t = _tensor(strong(i), "i")
+    _require_dtype(t, INTEGER_DTYPES, "i", "one_hot")
+    if depth <= 0:
+        raise TypeRuleError(f"one_hot needs a positive depth, found {depth}", "depth", code="E049")
+    return AVal(TensorType("float32", t.shape + (depth,)))
+
+
+def _cast(x: AVal, dtype: str) -> AVal:
+    def on(t: Type) -> Type:
+        if isinstance(t, StructType):
+            return StructType(tuple((n, on(f)) for n, f in t.fields))
+        if not isinstance(t, TensorType):
+            raise TypeRuleError(f"cast needs a tensor or a struct of tensors, found {describe(t)}", "x")
+        if (t.dtype == "string") != (dtype == "string"):
+            raise TypeRuleError(f"cannot cast {t.dtype} to {dtype}", "x", code="E050")
+        return TensorType(dtype, t.shape)
+    return AVal(on(strong(x).type))
+
+
+def _reshape(x: AVal, shape: tuple[int, ...]) -> AVal:
+    t = _tensor(strong(x), "x")
+    if sum(1 for d in shape if d == -1) > 1 or any(d < -1 for d in shape):
+        raise TypeRuleError(f"bad shape {list(shape)}: sizes are >= 0, with at most one -1", "shape", code="E049")
+    known = None if any(d is None for d in t.shape) else _product(t.shape)
+    fixed = _product(d for d in shape if d != -1)
+    if -1 in shape:
+        inferred = None
+        if known is not None:
+            if fixed == 0 or known % fixed:
+                raise TypeRuleError(f"cannot reshape {t} to {list(shape)}", "shape", code="E056")
+            inferred = known // fixed
+        return AVal(TensorType(t.dtype, tuple(inferred if d == -1 else d for d in shape)))
+    if known is not None and known != fixed:
+        raise TypeRuleError(f"cannot reshape {t} ({known} elements) to {list(shape)} ({fixed} elements)",
+                            "shape", code="E056")
+    return AVal(TensorType(t.dtype, tuple(shape)))
+
+
+def _product(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
+def _like(x: AVal) -> AVal:
+    x = strong(x)
+    list(_walk_value(x.type, "x", "zeros_like and ones_like"))   # raises unless tensors
+    return AVal(x.type)
+
+
+def _walk_value(t: Type, arg: str, prim: str):
+    if isinstance(t, StructType):
+        for _, f in t.fields:
+            yield from _walk_value(f, arg, prim)
+    elif isinstance(t, TensorType):
+        yield t
+    else:
+        raise TypeRuleError(f"{prim} needs a tensor or a struct of tensors, found {describe(t)}", arg)
+
+
+def _where(c: AVal, a: AVal, b: AVal) -> AVal:
+    ct = _tensor(strong(c), "c", "a bool tensor")
+    if ct.dtype != "bool":
+        raise TypeRuleError(f"the condition of where must be bool, found {ct}", "c",
+                            help="compare first, e.g. where(x > 0, x, 0.0)")
+    _tensor(a, "a"), _tensor(b, "b")
+    value = elementwise(a, b, None, what="where", arg_a="a", arg_b="b")
+    shape = broadcast_shapes(ct.shape, value.type.shape)
+    if shape is None:
+        raise TypeRuleError(f"the condition {ct} does not broadcast with {value.type}", "c", code="E044")
+    return AVal(TensorType(value.type.dtype, shape), value.weak if shape == () else None)
+
+
+def _clip(x: AVal, lo: AVal, hi: AVal) -> AVal:
+    out = elementwise(x, lo, NUMERIC_DTYPES, what="clip", arg_a="x", arg_b="lo")
+    out = elementwise(out, hi, NUMERIC_DTYPES, what="clip", arg_a="x", arg_b="hi")
+    for name, bound in (("lo", lo), ("hi", hi)):
+        if isinstance(bound.type, TensorType) and bound.type.shape != ():
+            raise TypeRuleError(f"the bound {name} of clip must be a scalar, found {bound.type}", name)
+    if not isinstance(x.type, StructType) and out.type != x.type and not x.weak:
+        raise TypeRuleError(f"clip bounds change the shape of {x.type} to {out.type}", "x", code="E044")
+    return out
+
+
+def _global_norm(x: AVal) -> AVal:
+    ts = list(_walk_value(x.type, "x", "global_norm"))
+    dtypes = {t.dtype for t in ts}
+    if not ts or len(dtypes) != 1 or not dtypes <= FLOAT_DTYPES:
+        raise TypeRuleError(f"global_norm needs float tensors of one dtype, found {x.type}", "x", code="E050")
+    return AVal(TensorType(dtypes.pop()))
+
+
+def _size(x: AVal) -> AVal:
+    _tensor(x, "x")
+    return AVal(TensorType("int32"))
+
+
+def _differentiable(t: Type, arg: str) -> None:
+    if isinstance(t, StructType):
+        for _, f in t.fields:
+            _differentiable(f, arg)
+    elif not (isinstance(t, TensorType) and t.dtype in FLOAT_DTYPES):
+        raise TypeRuleError(f"grad differentiates with respect to float tensors; the first parameter holds {t}",
+                            arg, code="E053", help="make the first parameter the model (float tensors), "
+                                                   "and pass the data after it")
+
+
+def _wrt(f: AVal, prim: str) -> tuple[FunctionType, Type]:
+    ft = _function(f, "f")
+    params = function_parameters(f)
+    if not params:
+        raise TypeRuleError(f"{prim} needs a function with at least one parameter", "f", code="E053")
+    result = ft.result
+    if not (isinstance(result, TensorType) and result.shape == () and result.dtype in FLOAT_DTYPES):
+        raise TypeRuleError(f"{prim} needs a function with a float scalar result; this one returns {result}",
+                            "f", code="E053", help="reduce the loss to a scalar first, e.g. mean(...)")
+    _differentiable(params[0], "f")
+    return ft, params[0]
+
+
+def _grad(f: AVal) -> AVal:
+    ft, wrt = _wrt(f, "grad")
+    return AVal(FunctionType(ft.parameter, wrt), arity=f.arity)
+
+
+def _value_and_grad(f: AVal) -> AVal:
+    ft, wrt = _wrt(f, "value_and_grad")
+    return AVal(FunctionType(ft.parameter, StructType(((None, ft.result), (None, wrt)))), arity=f.arity)
+
+
+def _sequence(aval: AVal, arg: str, prim: str) -> SequenceType:
+    if isinstance(aval.type, SequenceType):
+        return aval.type
+    raise TypeRuleError(f"{prim} needs a sequence (T*), found {describe(aval.type)}", arg)
+
+
+def _reduce(seq: AVal, init: AVal, f: AVal) -> AVal:
+    st = _sequence(seq, "seq", "reduce")
+    ft = _function(f, "f")
+    params = function_parameters(f)
+    if params is None or len(params) != 2:
+        raise TypeRuleError(f"the function of reduce takes (accumulator, element); this one is {ft}", "f",
+                            code="E041")
+    acc, elem = params
+    if not accepts(acc, init):
+        raise TypeRuleError(f"the initial value is {init.type} but the accumulator parameter is {acc}", "init")
+    if not is_assignable(elem, st.element):
+        raise TypeRuleError(f"the elements are {st.element} but the element parameter is {elem}", "f")
+    if not is_assignable(acc, ft.result):
+        raise TypeRuleError(f"the function returns {ft.result} but the accumulator is {acc}", "f",
+                            help="return a new accumulator of the same type")
+    return AVal(acc)
+
+
+def _map(seq: AVal, f: AVal) -> AVal:
+    st = _sequence(seq, "seq", "map")
+    result = _check_call(f, [AVal(st.element)], "f", "map")
+    return AVal(SequenceType(result))
+
+
+def _count(seq: AVal) -> AVal:
+    _sequence(seq, "seq", "count")
+    return AVal(TensorType("int32"))
+
+
+def _num_examples(seq: AVal) -> AVal:
+    st = _sequence(seq, "seq", "num_examples")
+    first = next(leaves(st.element), None)
+    if first is None or first.rank == 0:
+        raise TypeRuleError(f"num_examples sums the leading dimension of each element; {st.element} has none",
+                            "seq", code="E056", help="use count(seq) to count elements")
+    return AVal(TensorType("int32"))
+
+
+def _filled(shape: tuple[int, ...], dtype: str) -> AVal:
+    if any(d < 0 for d in shape):
+        raise TypeRuleError(f"bad shape {list(shape)}", "shape", code="E049")
+    return AVal(TensorType(dtype, tuple(shape)))
+
+
+def _random_normal(shape: tuple[int, ...], stddev: AVal, seed: AVal) -> AVal:
+    _scalar(stddev, FLOAT_DTYPES, "stddev", "stddev")
+    _scalar(seed, INTEGER_DTYPES, "seed", "the seed")
+    return _filled(shape, "float32")
+
+
+def _random_uniform(shape: tuple[int, ...], lo: AVal, hi: AVal, seed: AVal) -> AVal:
+    _scalar(lo, FLOAT_DTYPES, "lo", "lo")
+    _scalar(hi, FLOAT_DTYPES, "hi", "hi")
+    _scalar(seed, INTEGER_DTYPES, "seed", "the seed")
+    return _filled(shape, "float32")
+
+
+def _random_normal_like(x: AVal, stddev: AVal, seed: AVal) -> AVal:
+    _scalar(stddev, FLOAT_DTYPES, "stddev", "stddev")
+    _scalar(seed, INTEGER_DTYPES, "seed", "the seed")
+    _numeric_leaves(strong(x).type, FLOAT_DTYPES, "x", "random_normal_like", "float")
+    return AVal(strong(x).type)
+
+
+# ---- rules: federated intrinsics ------------------------------------------------------
+
+def _federated_value(v: AVal, placement: Placement) -> AVal:
+    v = strong(v)
+    if isinstance(v.type, FederatedType) or (isinstance(v.type, StructType) and _has_federated(v.type)):
+        raise TypeRuleError(f"federated_value places an unplaced value; this one is already {v.type}", "v",
+                            code="E064", help="federated types cannot nest")
+    if isinstance(v.type, FunctionType):
+        raise TypeRuleError("function values cannot be placed", "v", code="E065",
+                            help="use federated_eval(f, P) to run a ( -> T) function at P")
+    return AVal(FederatedType(v.type, placement, all_equal=True))
+
+
+def _has_federated(t: Type) -> bool:
+    return isinstance(t, FederatedType) or (isinstance(t, StructType) and any(_has_federated(f) for _, f in t.fields))
+
+
+def _federated_eval(f: AVal, placement: Placement) -> AVal:
+    ft = _function(f, "f")
+    if ft.parameter is not None:
+        raise TypeRuleError(f"federated_eval runs a function of no parameter ( -> T); this one is {ft}", "f",
+                            code="E041")
+    if _has_federated(ft.result) or f.federated_function:
+        raise TypeRuleError("federated_eval runs a local function (fn); this one is federated", "f", code="E064")
+    return AVal(FederatedType(ft.result, placement, all_equal=placement is Placement.SERVER))
+
+
+def _federated_broadcast(x: AVal) -> AVal:
+    t = x.type
+    if isinstance(t, FederatedType) and t.placement is Placement.CLIENTS:
+        raise TypeRuleError(f"only a server value can be broadcast; this value is {t}", "x", code="E062",
+                            label="at CLIENTS",
+                            help="a value at CLIENTS reaches the server only through an aggregation "
+                                 "(federated_sum, federated_mean, ...)")
+    ft = _at(x, Placement.SERVER, "x", "federated_broadcast", 0)
+    return AVal(FederatedType(ft.member, Placement.CLIENTS, all_equal=True))
+
+
+def _same_placement(xs: list[AVal], prim: str, first: int) -> Placement:
+    placements = []
+    for i, x in enumerate(xs):
+        if not isinstance(x.type, FederatedType):
+            raise TypeRuleError(f"the {ORDINALS[first + i]} argument of {prim} must be placed; "
+                                f"this value is {describe(x.type)}", f"xs[{i}]",
+                                help="place it with federated_value(v, CLIENTS) or federated_broadcast(v)")
+        placements.append(x.type.placement)
+    if len(set(placements)) > 1:
+        i = placements.index(next(p for p in placements if p != placements[0]))
+        raise TypeRuleError(f"{prim} needs all its values at one placement; the {ORDINALS[first]} is at "
+                            f"{placements[0]} and the {ORDINALS[first + i]} at {placements[i]}", f"xs[{i}]",
+                            code="E068",
+                            help="broadcast the server value first: federated_broadcast(v)")
+    return placements[0]
+
+
+def _federated_map(f: AVal, *xs: AVal) -> AVal:
+    if not xs:
+        raise TypeRuleError("federated_map needs a function and at least one value", None, code="E041")
+    _function(f, "f")
+    if f.federated_function:
+        raise TypeRuleError("federated_map applies a local function (fn); this one is a comp", "f", code="E064",
+                            help="call the comp directly")
+    placement = _same_placement(list(xs), "federated_map", 1)
+    result = _check_call(f, [AVal(_member(x)) for x in xs], "f", "federated_map")
+    if _has_federated(result):
+        raise TypeRuleError("federated_map's function must return an unplaced value", "f", code="E064")
+    if placement is Placement.SERVER:
+        return AVal(FederatedType(result, Placement.SERVER, True))
+    return AVal(FederatedType(result, Placement.CLIENTS, False))
+
+
+def _federated_apply(f: AVal, x: AVal) -> AVal:
+    _function(f, "f")
+    ft = _at(x, Placement.SERVER, "x", "federated_apply", 1)
+    result = _check_call(f, [AVal(ft.member)], "f", "federated_apply")
+    return AVal(FederatedType(result, Placement.SERVER, True))
+
+
+def _federated_zip(*xs: AVal) -> AVal:
+    if not xs:
+        raise TypeRuleError("federated_zip needs at least one value", None, code="E041")
+    placement = _same_placement(list(xs), "federated_zip", 0)
+    member = StructType(tuple((None, _member(x)) for x in xs))
+    if placement is Placement.SERVER:
+        return AVal(FederatedType(member, Placement.SERVER, True))
+    return AVal(FederatedType(member, Placement.CLIENTS, False))
+
+
+def _aggregation(name: str, dtypes: frozenset[str], what: str):
+    def rule(x: AVal) -> AVal:
+        ft = _at(x, Placement.CLIENTS, "x", name, 0)
+        _numeric_leaves(ft.member, dtypes, "x", name, what)
+        return AVal(FederatedType(ft.member, Placement.SERVER, True))
+    return rule
+
+
+def _federated_mean(x: AVal, weight: AVal | None) -> AVal:
+    ft = _at(x, Placement.CLIENTS, "x", "federated_mean", 0)
+    _numeric_leaves(ft.member, FLOAT_DTYPES, "x", "federated_mean", "floating-point")
+    if weight is not None and not weight.unknown:
+        wt = _at(weight, Placement.CLIENTS, "weight", "federated_mean", 1)
+        if wt.member != TensorType("float32"):
+            raise TypeRuleError(f"the weight of federated_mean is {{float32}}@CLIENTS; this one is {weight.type}",
+                                "weight", help="cast it: federated_map(fn(n: int32) -> float32 = cast(n, float32), w)")
+    return AVal(FederatedType(ft.member, Placement.SERVER, True))
+
+
+def _federated_aggregate(x: AVal, zero: AVal, accumulate: AVal, merge: AVal, report: AVal) -> AVal:
+    ft = _at(x, Placement.CLIENTS, "x", "federated_aggregate", 0)
+    zero = strong(zero)
+    if _has_federated(zero.type) or isinstance(zero.type, FunctionType):
+        raise TypeRuleError(f"the zero of federated_aggregate is an unplaced value; this one is {zero.type}",
+                            "zero", code="E064" if _has_federated(zero.type) else "E040")
+    u = zero.type
+    acc = _check_call(accumulate, [AVal(u), AVal(ft.member)], "accumulate", "accumulate")
+    if not is_assignable(u, acc):
+        raise TypeRuleError(f"accumulate must return the accumulator type {u}, it returns {acc}", "accumulate")
+    merged = _check_call(merge, [AVal(u), AVal(u)], "merge", "merge")
+    if not is_assignable(u, merged):
+        raise TypeRuleError(f"merge must return the accumulator type {u}, it returns {merged}", "merge")
+    result = _check_call(report, [AVal(u)], "report", "report")
+    if _has_federated(result):
+        raise TypeRuleError("report must return an unplaced value", "report", code="E064")
+    return AVal(FederatedType(result, Placement.SERVER, True))
+
+
+def _federated_secure_sum(x: AVal, bitwidth: int) -> AVal:
+    ft = _at(x, Placement.CLIENTS, "x", "federated_secure_sum", 0)
+    _numeric_leaves(ft.member, INTEGER_DTYPES, "x", "federated_secure_sum", "integer")
+    if not 1 <= bitwidth <= 62:
+        raise TypeRuleError(f"bitwidth must be between 1 and 62, found {bitwidth}", "bitwidth", code="E049")
+    return AVal(FederatedType(ft.member, Placement.SERVER, True))
+
+
+# ---- the table -------------------------------------------------------------------------
+
+def _p(*names_kinds) -> tuple[Param, ...]:
+    out = []
+    for item in names_kinds:
+        if isinstance(item, Param):
+            out.append(item)
+        else:
+            out.append(Param(item))
+    return tuple(out)
+
+
+_FLOATS, _NUMS, _BOOL = FLOAT_DTYPES, NUMERIC_DTYPES, frozenset({"bool"})
+_ANY = frozenset({"bool", "string"}) | NUMERIC_DTYPES
+
+_ENTRIES: list[Primitive] = [
+    # operators ---------------------------------------------------------------------------
+    Primitive("add", "<T,T> -> T  (numeric, broadcasting, leaf-wise)", _p("x", "y"), _arith("+", _NUMS), operator="+"),
+    Primitive("sub", "<T,T> -> T", _p("x", "y"), _arith("-", _NUMS), operator="-"),
+    Primitive("mul", "<T,T> -> T", _p("x", "y"), _arith("*", _NUMS), operator="*"),
+    Primitive("div", "<T,T> -> T  (floating)", _p("x", "y"), _div, operator="/"),
+    Primitive("mod", "<T,T> -> T", _p("x", "y"), _arith("%", _NUMS), operator="%"),
+    Primitive("pow", "<T,T> -> T", _p("x", "y"), _arith("**", _NUMS), operator="**"),
+    Primitive("neg", "T -> T", _p("x"), _neg, operator="neg"),
+    Primitive("eq", "<T,T> -> bool", _p("x", "y"), _compare("==", _ANY), operator="=="),
+    Primitive("ne", "<T,T> -> bool", _p("x", "y"), _compare("!=", _ANY), operator="!="),
+    Primitive("lt", "<T,T> -> bool", _p("x", "y"), _compare("<", _NUMS), operator="<"),
+    Primitive("le", "<T,T> -> bool", _p("x", "y"), _compare("<=", _NUMS), operator="<="),
+    Primitive("gt", "<T,T> -> bool", _p("x", "y"), _compare(">", _NUMS), operator=">"),
+    Primitive("ge", "<T,T> -> bool", _p("x", "y"), _compare(">=", _NUMS), operator=">="),
+    Primitive("logical_and", "<bool,bool> -> bool", _p("x", "y"), _arith("and", _BOOL), operator="and"),
+    Primitive("logical_or", "<bool,bool> -> bool", _p("x", "y"), _arith("or", _BOOL), operator="or"),
+    Primitive("logical_not", "bool -> bool", _p("x"), _not, operator="not"),
+    # local builtins ----------------------------------------------------------------------
+    Primitive("matmul", "<T[..,m,k],T[..,k,n]> -> T[..,m,n]", _p("a", "b"), _matmul),
+    Primitive("relu", "T -> T  (leaf-wise)", _p("x"), _unary("relu", _NUMS)),
+    Primitive("sigmoid", "T -> T  (floating)", _p("x"), _unary("sigmoid", _FLOATS)),
+    Primitive("tanh", "T -> T  (floating)", _p("x"), _unary("tanh", _FLOATS)),
+    Primitive("exp", "T -> T  (floating)", _p("x"), _unary("exp", _FLOATS)),
+    Primitive("log", "T -> T  (floating)", _p("x"), _unary("log", _FLOATS)),
+    Primitive("sqrt", "T -> T  (floating)", _p("x"), _unary("sqrt", _FLOATS)),
+    Primitive("abs", "T -> T", _p("x"), _unary("abs", _NUMS)),
+    Primitive("square", "T -> T", _p("x"), _unary("square", _NUMS)),
+    Primitive("maximum", "<T,T> -> T", _p("x", "y"), _binary("maximum", _NUMS)),
+    Primitive("minimum", "<T,T> -> T", _p("x", "y"), _binary("minimum", _NUMS)),
+    Primitive("softmax", "<float[..,n], axis=-1> -> float[..,n]", _p("x", Param("axis", "int", -1)),
+              _softmax("softmax")),
+    Primitive("log_softmax", "<float[..,n], axis=-1> -> float[..,n]", _p("x", Param("axis", "int", -1)),
+              _softmax("log_softmax")),
+    Primitive("sparse_softmax_cross_entropy", "<int[S],float[S,n]> -> float[S]", _p("labels", "logits"),
+              _sparse_xent),
+    Primitive("sum", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("sum", _NUMS)),
+    Primitive("mean", "<float[..], axis?> -> float[..]", _p("x", Param("axis", "int", None)),
+              _reduction("mean", _FLOATS)),
+    Primitive("max", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("max", _NUMS)),
+    Primitive("min", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("min", _NUMS)),
+    Primitive("argmax", "<T[..], axis> -> int32[..]", _p("x", Param("axis", "int")), _argmax),
+    Primitive("one_hot", "<int[S], depth> -> float32[S,depth]", _p("i", Param("depth", "int")), _one_hot),
+    Primitive("cast", "<T, dtype> -> dtype (leaf-wise)", _p("x", Param("dtype", "dtype")), _cast),
+    Primitive("reshape", "<T[..], [dims]> -> T[dims]", _p("x", Param("shape", "shape")), _reshape),
+    Primitive("zeros_like", "T -> T", _p("x"), _like),
+    Primitive("ones_like", "T -> T", _p("x"), _like),
+    Primitive("where", "<bool[..],T[..],T[..]> -> T[..]", _p("c", "a", "b"), _where),
+    Primitive("clip", "<T,lo,hi> -> T", _p("x", "lo", "hi"), _clip),
+    Primitive("global_norm", "<float tensors> -> float", _p("x"), _global_norm),
+    Primitive("size", "T[..] -> int32", _p("x"), _size),
+    Primitive("grad", "(<P,..> -> float) -> (<P,..> -> P)", _p("f"), _grad),
+    Primitive("value_and_grad", "(<P,..> -> float) -> (<P,..> -> <float,P>)", _p("f"), _value_and_grad),
+    Primitive("reduce", "<T*,U,(<U,T> -> U)> -> U", _p("seq", "init", "f"), _reduce),
+    Primitive("map", "<T*,(T -> U)> -> U*", _p("seq", "f"), _map),
+    Primitive("count", "T* -> int32", _p("seq"), _count),
+    Primitive("num_examples", "T[n,..]* -> int32", _p("seq"), _num_examples),
+    Primitive("zeros", "<[dims], dtype=float32> -> dtype[dims]",
+              _p(Param("shape", "shape"), Param("dtype", "dtype", "float32")), _filled),
+    Primitive("ones", "<[dims], dtype=float32> -> dtype[dims]",
+              _p(Param("shape", "shape"), Param("dtype", "dtype", "float32")), _filled),
+    Primitive("random_normal", "<[dims],float,int> -> float32[dims]",
+              _p(Param("shape", "shape"), "stddev", "seed"), _random_normal),
+    Primitive("random_uniform", "<[dims],float,float,int> -> float32[dims]",
+              _p(Param("shape", "shape"), "lo", "hi", "seed"), _random_uniform),
+    Primitive("random_normal_like", "<T,float,int> -> T", _p("x", "stddev", "seed"), _random_normal_like),
+    # federated intrinsics ---------------------------------------------------------------
+    Primitive("federated_value", "<T,P> -> T@P", _p("v", Param("placement", "placement")), _federated_value,
+              federated=True),
+    Primitive("federated_eval", "<( -> T),P> -> T@P", _p("f", Param("placement", "placement")),
+              _federated_eval, federated=True),
+    Primitive("federated_broadcast", "T@SERVER -> T@CLIENTS", _p("x"), _federated_broadcast, federated=True),
+    Primitive("federated_map", "<(<T1..Tn> -> U),{T1}@CLIENTS..> -> {U}@CLIENTS", _p("f", "xs"),
+              _federated_map, federated=True, variadic=True),
+    Primitive("federated_apply", "<(T -> U),T@SERVER> -> U@SERVER", _p("f", "x"), _federated_apply,
+              federated=True),
+    Primitive("federated_zip", "<{T1}@CLIENTS..> -> {<T1..>}@CLIENTS", _p("xs"), _federated_zip,
+              federated=True, variadic=True),
+    Primitive("federated_sum", "{T}@CLIENTS -> T@SERVER", _p("x"), _aggregation("federated_sum", _NUMS, "numeric"),
+              federated=True),
+    Primitive("federated_mean", "<{T}@CLIENTS,weight={float32}@CLIENTS> -> T@SERVER",
+              _p("x", Param("weight", "value", None)), _federated_mean, federated=True),
+    Primitive("federated_min", "{T}@CLIENTS -> T@SERVER", _p("x"), _aggregation("federated_min", _NUMS, "numeric"),
+              federated=True),
+    Primitive("federated_max", "{T}@CLIENTS -> T@SERVER", _p("x"), _aggregation("federated_max", _NUMS, "numeric"),
+              federated=True),
+    Primitive("federated_aggregate", "<{T}@CLIENTS,U,(<U,T> -> U),(<U,U> -> U),(U -> R)> -> R@SERVER",
+              _p("x", "zero", "accumulate", "merge", "report"), _federated_aggregate, federated=True),
+    Primitive("federated_secure_sum", "<{T}@CLIENTS,bitwidth> -> T@SERVER  (integer)",
+              _p("x", Param("bitwidth", "int")), _federated_secure_sum, federated=True),
+]
+
+PRIMITIVES: dict[str, Primitive] = {p.name: p for p in _ENTRIES}
+OPERATORS: dict[str, Primitive] = {p.operator: p for p in _ENTRIES if p.operator}
+# Names a program can call: builtins and intrinsics, not the operator entries.
+CALLABLE: dict[str, Primitive] = {p.name: p for p in _ENTRIES if p.operator is None}

@@ -1,0 +1,1 @@
+"""The fedlang standard library: .fed modules reached as `import std.NAME`."""
