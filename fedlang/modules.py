@@ -120,7 +120,8 @@ class _Loader:
             self.diagnostics.append(Diagnostic(
                 "E020", f"there is no standard module `std.{std}`", span, "not found",
                 help=(f"did you mean `std.{close[0]}`?" if close else
-                      "the standard modules are " + ", ".join(f"std.{m}" for m in available))))
+                      "the standard modules are " + ", ".join(f"std.{m}" for m in available) if available
+                      else "import a file instead: import \"path/to/file.fed\" as name")))
             return None
         return self._load(f"std:{std}", f"std/{std}.fed", f"std.{std}", span,
                           lambda: read_source(path, f"std/{std}.fed", span), path.parent)
