@@ -16,6 +16,7 @@ if _os.path.isfile(_os.path.join(_root, "ir", "checker.py")) and \
         _os.path.isfile(_os.path.join(_root, "pyproject.toml")):
     __path__.append(_root)
 
+from fedlang import types  # noqa: E402
 from fedlang.api import CheckResult, check, check_source  # noqa: E402
 
-__all__ = ["__version__", "check", "check_source", "CheckResult"]
+__all__ = ["__version__", "check", "check_source", "CheckResult", "types"]

@@ -163,8 +163,13 @@ class _Loader:
         for decl in module.decls:
             if not isinstance(decl, ast.Import):
                 continue
-            if decl.std is not None:
-                target = self.load_std(decl.std, decl.target_span)
+            if decl.dotted is not None and (len(decl.dotted) != 2 or decl.dotted[0] != "std"):
+                self.diagnostics.append(Diagnostic(
+                    "E020", f"cannot import `{'.'.join(decl.dotted)}`", decl.target_span, "not a module path",
+                    help='import a standard module as `std.NAME` or a file as `"path/to/file.fed"`'))
+                continue
+            if decl.dotted is not None:
+                target = self.load_std(decl.dotted[1], decl.target_span)
             else:
                 relative = Path(decl.path)
                 shown = os.path.normpath(os.path.join(os.path.dirname(display), decl.path))

@@ -195,8 +195,8 @@ Expr = (Name | IntLit | FloatLit | BoolLit | StringLit | DTypeLit | PlacementLit
 class Import(Node):
     alias: str
     alias_span: Span
-    std: str | None              # `import std.NAME`: NAME
-    path: str | None             # `import "file.fed"`: the path as written
+    dotted: tuple[str, ...] | None   # `import std.NAME`: ("std", "NAME")
+    path: str | None                 # `import "file.fed"`: the path as written
     target_span: Span
 
 

@@ -151,22 +151,15 @@ class _ToAst(Transformer):
         return ast.Module(self._span(meta), tuple(decls))
 
     def import_decl(self, meta, children):
-        (kind, value, target_span), alias = children
-        return ast.Import(self._span(meta), str(alias), self._tok(alias),
-                          std=value if kind == "std" else None,
-                          path=value if kind == "path" else None,
-                          target_span=target_span)
+        (dotted, path, target_span), alias = children
+        return ast.Import(self._span(meta), str(alias), self._tok(alias), dotted, path, target_span)
 
     def module_path(self, meta, children):
         (child,) = children
         if isinstance(child, Token):        # STRING
-            return ("path", _unquote(child, self.file), self._tok(child))
+            return (None, _unquote(child, self.file), self._tok(child))
         parts, span = child
-        if len(parts) == 2 and parts[0] == "std":
-            return ("std", parts[1], span)
-        raise SyntaxErrors([Diagnostic(
-            "E020", f"cannot import `{'.'.join(parts)}`", span, label="not a module path",
-            help='import a standard module as `std.NAME` or a file as `"path/to/file.fed"`')])
+        return (tuple(parts), None, span)
 
     def dotted_name(self, meta, names):
         return [str(n) for n in names], self._span(meta)
