@@ -99,6 +99,8 @@ def render(diagnostic: Diagnostic, sources: SourceMap) -> str:
                 stop = max(d.span.end_column - 1, start + 1)
             else:
                 stop = max(len(source_line), start + 1)
+            if len(source_line) > _MAX_SHOWN:
+                source_line, start, stop = _window(source_line, start, stop)
             carets = " " * start + "^" * (stop - start)
             label = f" {d.label}" if d.label else ""
             lines += [f"{pad} |", f"{gutter} | {source_line}", f"{pad} | {carets}{label}"]
@@ -107,6 +109,19 @@ def render(diagnostic: Diagnostic, sources: SourceMap) -> str:
     if d.help:
         lines.append(f"  = help: {d.help}")
     return "\n".join(lines)
+
+
+_MAX_SHOWN = 100
+
+
+def _window(line: str, start: int, stop: int) -> tuple[str, int, int]:
+    """Cut a long source line to about _MAX_SHOWN characters around the span."""
+    left = max(0, start - 30)
+    right = min(len(line), left + _MAX_SHOWN)
+    prefix = "..." if left > 0 else ""
+    suffix = "..." if right < len(line) else ""
+    shift = len(prefix) - left
+    return prefix + line[left:right] + suffix, start + shift, min(stop, right) + shift
 
 
 def render_all(diagnostics: Iterable[Diagnostic], sources: SourceMap) -> str:

@@ -120,16 +120,20 @@ class _Checker:
         self._collect()
         declarations: list[tuple[str, str, Type | None]] = []
         for decl in self.module.decls:
-            if isinstance(decl, ast.TypeDecl):
-                declarations.append(("type", decl.name, self._alias(decl.name)))
-            elif isinstance(decl, ast.FunctionDecl):
-                self.current = decl.name
-                self._check_function_body(decl)
-                declarations.append(("comp" if decl.federated else "fn", decl.name, self._decl_type(decl.name)))
-            elif isinstance(decl, ast.ProcessDecl):
-                self.current = decl.name
-                t = self._check_process(decl)
-                declarations.append(("process", decl.name, t))
+            try:
+                if isinstance(decl, ast.TypeDecl):
+                    declarations.append(("type", decl.name, self._alias(decl.name)))
+                elif isinstance(decl, ast.FunctionDecl):
+                    self.current = decl.name
+                    self._check_function_body(decl)
+                    declarations.append(("comp" if decl.federated else "fn", decl.name,
+                                         self._decl_type(decl.name)))
+                elif isinstance(decl, ast.ProcessDecl):
+                    self.current = decl.name
+                    declarations.append(("process", decl.name, self._check_process(decl)))
+            except RecursionError:
+                self.error("E003", f"`{decl.name}` nests too deeply for fedlang to check", decl.name_span,
+                           "too deep", help="split deeply nested expressions into let statements")
         self.current = None
         self._check_recursion()
         exported = {n: b for n, b in self.top.items() if b.kind != "module"}

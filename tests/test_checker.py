@@ -387,3 +387,19 @@ def test_every_node_has_a_span_inside_its_parent():
 def test_type_notation_uses_the_language_grammar():
     assert str(parse("{<x=float32[?,64],y=int32[?]>*}@CLIENTS")) == "{<x=float32[?,64],y=int32[?]>*}@CLIENTS"
     assert str(fedlang.types.parse("(<a=int32,float32> -> float32@SERVER)")) == "(<a=int32,float32> -> float32@SERVER)"
+
+
+def test_every_syntax_error_is_reported_once():
+    result = check("fn f(x: float32) -> float32 = x +\n"
+                   "fn g(x: float32) -> float32 = x\n"
+                   "fn h(x: float32) -> = x\n"
+                   "comp k() -> int32@SERVER = federated_value(1, SERVER)\n"
+                   "type T = <a=float32\n")
+    assert [(d.code, d.span.line, d.span.column) for d in result.diagnostics] == [
+        ("E001", 2, 1), ("E001", 3, 21), ("E001", 6, 1)]
+    assert result.diagnostics[1].help == "expected a type"
+
+
+def test_deep_nesting_is_a_diagnostic_not_a_crash():
+    result = check("fn f(x: float32) -> float32 = " + "(" * 3000 + "x" + ")" * 3000)
+    assert [d.code for d in result.diagnostics] == ["E003"]

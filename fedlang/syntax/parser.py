@@ -6,6 +6,7 @@ become diagnostics E001/E002; nothing here raises a Lark exception at a user.
 from __future__ import annotations
 
 import functools
+import re
 import importlib.resources
 from typing import Any
 
@@ -33,7 +34,45 @@ class SyntaxErrors(FedlangError):
 
 
 def parse_module(text: str, file: str) -> ast.Module:
-    return _parse(text, file, "module")
+    """Parse a module; on syntax errors, report every one (see _more_syntax_errors)."""
+    try:
+        return _parse(text, file, "module")
+    except SyntaxErrors as error:
+        first = error.diagnostics[0]
+        if first.code == "E003":
+            raise
+        raise SyntaxErrors([first, *_more_syntax_errors(text, file, first)]) from None
+
+
+# A line that starts a top-level declaration: where parsing can resume.
+_DECLARATION_START = re.compile(r"^(fn|comp|type|process|import)[ \t]+[A-Za-z_\"]", re.MULTILINE)
+
+
+def _more_syntax_errors(text: str, file: str, error: Diagnostic, limit: int = 20) -> list[Diagnostic]:
+    """Resume after a syntax error at the next line that starts a declaration.
+
+    The text before the resume point is blanked (newlines kept), so positions
+    of later errors stay exact. The module is not checked when any syntax
+    error exists; this only tells the user about all of them at once."""
+    found: list[Diagnostic] = []
+    resumed_at = -1
+    lines = text.split("\n")
+    while len(found) < limit:
+        # Resume at the error's own line when the error is the start of a declaration
+        # (the one before it was cut short), else at the line after it.
+        line = error.span.line - (1 if error.span.column == 1 else 0)
+        offset = sum(len(l) + 1 for l in lines[:line])
+        match = _DECLARATION_START.search(text, min(max(offset, resumed_at + 1), len(text)))
+        if match is None:
+            return found
+        resumed_at = match.start()
+        blanked = "".join(c if c == "\n" else " " for c in text[:match.start()]) + text[match.start():]
+        try:
+            _parser().parse(blanked, start="module")
+            return found
+        except UnexpectedInput as more:
+            error = _syntax_diagnostic(more, blanked, file)
+            found.append(error)
 
 
 def parse_type_expr(text: str, file: str = "<type>") -> ast.TypeExpr:
@@ -47,7 +86,15 @@ def _parse(text: str, file: str, start: str) -> Any:
         raise SyntaxErrors([_syntax_diagnostic(error, text, file)]) from None
     try:
         return _ToAst(file).transform(tree)
+    except RecursionError:
+        raise SyntaxErrors([Diagnostic(
+            "E003", "the program nests too deeply for fedlang to read", Span(file, 1, 1, 1, 1),
+            help="split deeply nested expressions into let statements")]) from None
     except VisitError as error:
+        if isinstance(error.orig_exc, RecursionError):
+            raise SyntaxErrors([Diagnostic(
+                "E003", "the program nests too deeply for fedlang to read", Span(file, 1, 1, 1, 1),
+                help="split deeply nested expressions into let statements")]) from None
         if isinstance(error.orig_exc, SyntaxErrors):
             raise error.orig_exc from None
         raise InternalCompilerError(f"AST construction failed: {error.orig_exc!r}") from error.orig_exc
@@ -77,7 +124,11 @@ def _terminal_names() -> frozenset[str]:
 
 
 def _expected_help(expected: set[str] | frozenset[str]) -> str | None:
-    names = sorted({_readable(t) for t in expected})
+    if {"NAME", "INT", "FLOAT"} <= set(expected):
+        return "expected an expression"
+    if {"DTYPE", "LESSTHAN", "LBRACE"} <= set(expected):
+        return "expected a type"
+    names = sorted({_readable(t) for t in expected}, key=lambda n: (not n[0].isalpha(), n))
     if not names:
         return None
     if len(names) > 8:
@@ -104,7 +155,7 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, file: str) -> Diagnost
         shown = str(token)
         what = f"keyword `{shown}`" if shown in KEYWORDS else f"`{shown}`"
         help_line = _expected_help(error.expected)
-        if shown in KEYWORDS and "NAME" in error.expected:
+        if shown in KEYWORDS and "NAME" in error.expected and not {"INT", "DTYPE"} & set(error.expected):
             help_line = f"`{shown}` is a keyword and cannot be used as a name; " + (help_line or "")
         return Diagnostic("E001", f"unexpected {what}",
                           _point(file, token.line, token.column, len(shown)),
