@@ -182,7 +182,18 @@ class _Checker:
             if isinstance(decl, ast.ProcessDecl) and self.top.get(decl.name) is None:
                 self.top[decl.name] = Binding("process", decl.name_span)
 
+    def _duplicate_params(self, params: tuple[ast.Param, ...]) -> bool:
+        seen: dict[str, ast.Param] = {}
+        for p in params:
+            if p.name in seen:
+                self.error("E031", f"the parameter `{p.name}` is declared twice", p.span, "declared again",
+                           notes=[f"first declared at {seen[p.name].span}"])
+                return True
+            seen[p.name] = p
+        return False
+
     def _signature(self, decl: ast.FunctionDecl) -> AVal:
+        duplicate = self._duplicate_params(decl.params)
         params = [self.resolve_type(p.type) for p in decl.params]
         result = self.resolve_type(decl.result)
         if not decl.federated:
@@ -192,7 +203,7 @@ class _Checker:
             if self._no_placement(result, decl.result.span, f"the result of fn `{decl.name}`"):
                 result = UNKNOWN
         self.param_types[id(decl)] = params
-        if any(t is UNKNOWN for t in params) or result is UNKNOWN:
+        if duplicate or any(t is UNKNOWN for t in params) or result is UNKNOWN:
             return AVal(UNKNOWN, arity=tuple(p.name for p in decl.params), federated_function=decl.federated)
         return AVal(FunctionType(_parameter_type(decl.params, params), result),
                     arity=tuple(p.name for p in decl.params), federated_function=decl.federated)
@@ -672,6 +683,7 @@ class _Checker:
         return joined
 
     def _infer_Lambda(self, e: ast.Lambda, ctx: _Ctx) -> AVal:
+        duplicate = self._duplicate_params(e.params)
         scope = _Scope(ctx.scope)
         types = []
         for p in e.params:
@@ -692,7 +704,7 @@ class _Checker:
                 self.expect(result, body, _result_span(e.body), "the result of this lambda")
         elif not body.unknown:
             result = strong(body).type
-        if result is UNKNOWN or any(t is UNKNOWN for t in types):
+        if duplicate or result is UNKNOWN or any(t is UNKNOWN for t in types):
             return AVal(UNKNOWN, arity=arity)
         return AVal(FunctionType(_parameter_type(e.params, types), result), arity=arity)
 
