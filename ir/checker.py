@@ -992,8 +992,8 @@ def _named_values(values: dict[str, object]):
 
 def _join(a: AVal, b: AVal) -> AVal | None:
     """The one type of two `if` branches (weak literals adapt, `?` absorbs)."""
-    if a.weak and b.weak:
-        return a if a.weak == b.weak or a.weak == "float" else b
+    if a.weak and b.weak:     # the result depends on the condition: not a constant, so not weak
+        return strong(a if a.weak == b.weak or a.weak == "float" else b)
     if a.weak and accepts(b.type, a):
         return AVal(b.type)
     if b.weak and accepts(a.type, b):

@@ -448,7 +448,7 @@ def _where(c: AVal, a: AVal, b: AVal) -> AVal:
     shape = broadcast_shapes(ct.shape, value.type.shape)
     if shape is None:
         raise TypeRuleError(f"the condition {ct} does not broadcast with {value.type}", "c", code="E044")
-    return AVal(TensorType(value.type.dtype, shape), value.weak if shape == () else None)
+    return AVal(TensorType(value.type.dtype, shape))     # depends on c: never a weak constant
 
 
 def _clip(x: AVal, lo: AVal, hi: AVal) -> AVal:
