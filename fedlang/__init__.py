@@ -17,6 +17,6 @@ if _os.path.isfile(_os.path.join(_root, "ir", "checker.py")) and \
     __path__.append(_root)
 
 from fedlang import types  # noqa: E402
-from fedlang.api import CheckResult, check, check_source  # noqa: E402
+from fedlang.api import CheckResult, check, check_source, load  # noqa: E402
 
-__all__ = ["__version__", "check", "check_source", "CheckResult", "types"]
+__all__ = ["__version__", "check", "check_source", "load", "CheckResult", "types"]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedlang.diagnostics import Diagnostic, SourceMap, render_all
+from fedlang.diagnostics import Diagnostic, FedlangError, SourceMap, render_all
 from fedlang.ir.checker import CheckedModule, ModuleInterface, check_module
-from fedlang.modules import LoadedProgram, load
+from fedlang.modules import LoadedProgram
+from fedlang.modules import load as load_sources
 
 
 @dataclass
@@ -49,12 +50,12 @@ class CheckResult:
 
 def check(*paths: str) -> CheckResult:
     """Check the given .fed files and everything they import."""
-    return _check(load(list(paths)))
+    return _check(load_sources(list(paths)))
 
 
 def check_source(text: str, file: str = "<input>.fed") -> CheckResult:
     """Check program text that is not on disk (imports resolve relative to `file`)."""
-    return _check(load([file], texts={file: text}))
+    return _check(load_sources([file], texts={file: text}))
 
 
 def _check(program: LoadedProgram) -> CheckResult:
@@ -73,3 +74,137 @@ def _check(program: LoadedProgram) -> CheckResult:
 
 def _position(d: Diagnostic):
     return (0, 0) if d.span is None else (d.span.line, d.span.column)
+
+
+# ---- running programs with the reference interpreter --------------------------------------
+
+def load(path: str, optimize: bool = True) -> "Loaded":
+    """Compile a program for the reference interpreter; its computations become callables.
+
+        prog = fedlang.load("examples/mean_temperature.fed")
+        prog.mean_temperature([20.0, 22.5, 19.0])     # 20.5
+    """
+    result = check(path)
+    if not result.ok:
+        raise FedlangError(result.errors, result.sources)
+    return Loaded(compile_ir(result, optimize=optimize))
+
+
+def compile_ir(result: CheckResult, optimize: bool = True):
+    """The IR of a checked program (root module first-class, imports prefixed)."""
+    from fedlang.ir.build import build_program
+
+    prefixes: dict[str, str] = {}
+    used: set[str] = set()
+    root = result.program.roots[0]
+    for key, loaded in result.program.modules.items():
+        if key == root:
+            prefixes[key] = ""
+            continue
+        prefix, k = loaded.name, 1
+        while prefix in used:
+            k += 1
+            prefix = f"{loaded.name}~{k}"
+        used.add(prefix)
+        prefixes[key] = prefix
+    items = []
+    for key, loaded in result.program.modules.items():
+        imports = {alias: prefixes[target] for alias, target in loaded.imports.items()}
+        items.append((result.checked[key], imports, prefixes[key]))
+    program = build_program(items)
+    if optimize:
+        from fedlang.ir.passes import optimize as run_passes
+
+        program = run_passes(program)
+    return program
+
+
+class Loaded:
+    """A compiled program: `prog.NAME` is a computation or a process."""
+
+    def __init__(self, program):
+        from fedlang.ir.interpreter import Interpreter
+
+        self.program = program
+        self.interpreter = Interpreter(program)
+
+    def __getattr__(self, name: str):
+        program = self.__dict__.get("program")
+        if program is not None:
+            if name in program.processes:
+                return Process(self, name)
+            if name in program.functions and name in program.root:
+                return Computation(self, name)
+        raise AttributeError(f"the program has no computation or process `{name}`")
+
+    def __dir__(self):
+        return sorted(set(self.program.root))
+
+
+class Computation:
+    """A top-level fn or comp, callable with Python values (lists for CLIENTS)."""
+
+    def __init__(self, loaded: Loaded, name: str):
+        self.loaded, self.name = loaded, name
+        self.function = loaded.program.functions[name]
+
+    @property
+    def type(self):
+        return self.function.type
+
+    def __call__(self, *args, clients: int | None = None):
+        from fedlang.ir.values import conform, to_python
+
+        params = self.function.params
+        if len(args) != len(params):
+            raise TypeError(f"{self.name} takes {len(params)} argument(s) ({self.type}), got {len(args)}")
+        values = [conform(a, t, f"{self.name}: argument `{n}`") for a, (n, t) in zip(args, params)]
+        n = _num_clients(values, params, clients, self.name)
+        return to_python(self.loaded.interpreter.call(self.name, values, n))
+
+
+class Process:
+    """An iterative process: `initialize()`, `next(state, ...)`, `run(rounds, ...)`."""
+
+    def __init__(self, loaded: Loaded, name: str):
+        self.loaded, self.name = loaded, name
+        self.init_name, self.next_name = loaded.program.processes[name]
+
+    def initialize(self, clients: int = 0):
+        return self.loaded.interpreter.call(self.init_name, [], clients)
+
+    def next(self, state, *args, clients: int | None = None):
+        """One round: returns (state, metrics or None) as interpreter values."""
+        from fedlang.ir.values import Struct, conform
+
+        function = self.loaded.program.functions[self.next_name]
+        params = function.params
+        values = [state] + [conform(a, t, f"{self.name}.next: argument `{n}`") for a, (n, t) in zip(args, params[1:])]
+        n = _num_clients(values, params, clients, self.name)
+        out = self.loaded.interpreter.call(self.next_name, values, n)
+        if isinstance(out, Struct) and out.names == ("state", "metrics"):
+            return out["state"], out["metrics"]
+        return out, None
+
+    def run(self, rounds: int, *args):
+        """Run `rounds` rounds; an argument may be a function of the round index."""
+        state, history = self.initialize(), []
+        for r in range(rounds):
+            state, metrics = self.next(state, *(a(r) if callable(a) else a for a in args))
+            history.append(metrics)
+        return state, history
+
+
+def _num_clients(values, params, clients, name) -> int:
+    from fedlang.ir.types import FederatedType, Placement
+
+    counts = {len(v) for v, (_, t) in zip(values, params)
+              if isinstance(t, FederatedType) and t.placement is Placement.CLIENTS}
+    if len(counts) > 1:
+        raise ValueError(f"{name}: every value at CLIENTS needs one entry per client; got {sorted(counts)}")
+    if counts:
+        (n,) = counts
+        if clients is not None and clients != n:
+            raise ValueError(f"{name}: clients={clients} but the arguments hold {n} clients")
+        return n
+    return clients or 0

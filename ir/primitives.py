@@ -13,10 +13,14 @@ at fault, so the checker can point at it.
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 from fedlang.ir.avals import UNKNOWN, UNKNOWN_AVAL, AVal, accepts, describe, function_parameters, strong
+from fedlang.ir.values import Struct, leafwise
 from fedlang.ir.types import (FLOAT_DTYPES, INTEGER_DTYPES, NUMERIC_DTYPES, FederatedType, FunctionType,
                               Placement, SequenceType, StructType, TensorType, Type, is_assignable, leaves)
 
@@ -46,9 +50,12 @@ class Primitive:
     signature: str               # one line, in type notation, for docs and messages
     params: tuple[Param, ...]
     type_rule: Callable[..., AVal]
+    impl: Callable[..., Any] | None = None   # reference (NumPy) implementation; None: the interpreter reads it
     federated: bool = False      # an intrinsic: only inside a `comp`
     variadic: bool = False       # the last value parameter takes the remaining positionals
     operator: str | None = None  # the source operator it implements ("+", "not", ...)
+    typed_impl: bool = False     # impl takes the node's type as `out_type=`
+    callable: bool = True        # a program may call it by name (structural nodes may not)
 
 
 # ---- helpers used by the rules ------------------------------------------------------
@@ -712,6 +719,356 @@ def _federated_secure_sum(x: AVal, bitwidth: int) -> AVal:
     return AVal(FederatedType(ft.member, Placement.SERVER, True))
 
 
+# ---- reference implementations (NumPy) ----------------------------------------------------
+#
+# Values: numpy arrays of the exact dtype, Struct, list (sequences; values at
+# CLIENTS, one per client), Python callables (functions). Weak literals arrive
+# as Python numbers and take the other operand's dtype (NumPy's NEP 50 rule is
+# fedlang's weak-literal rule).
+
+NUM_CLIENTS: contextvars.ContextVar[int] = contextvars.ContextVar("fedlang_num_clients", default=0)
+
+
+class FedlangRuntimeError(Exception):
+    """A computation failed while running (an index out of range, ...)."""
+
+
+def _a(x: Any) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else np.asarray(x)
+
+
+def _binary_impl(fn):
+    def impl(x, y):
+        if not isinstance(x, (np.ndarray, Struct)) and not isinstance(y, (np.ndarray, Struct)):
+            return fn(x, y)                          # two weak literals: fold in Python
+        return leafwise(lambda a, b: _a(fn(a, b)), x, y)
+    return impl
+
+
+def _unary_impl(fn):
+    def impl(x):
+        if not isinstance(x, (np.ndarray, Struct)):
+            return fn(x)
+        return leafwise(lambda a: _a(fn(a)), x)
+    return impl
+
+
+def _np_relu(x):
+    return np.maximum(x, np.zeros((), x.dtype)) if isinstance(x, np.ndarray) else max(x, 0)
+
+
+def _np_sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def _np_divide(x, y):
+    return x / y
+
+
+def _np_softmax(x, axis=-1):
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    e = np.exp(shifted)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def _np_log_softmax(x, axis=-1):
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+
+
+def _np_sparse_xent(labels, logits):
+    logp = _np_log_softmax(logits)
+    picked = np.take_along_axis(logp, labels[..., None].astype(np.int64), axis=-1)[..., 0]
+    return _a(-picked)
+
+
+def _reduction_impl(fn):
+    def impl(x, axis=None):
+        return _a(fn(x, axis=axis)).astype(x.dtype)
+    return impl
+
+
+def _np_mean(x, axis=None):
+    return _a(np.mean(x, axis=axis, dtype=np.float64 if x.dtype == np.float64 else np.float32)).astype(x.dtype)
+
+
+def _np_argmax(x, axis):
+    return _a(np.argmax(x, axis=axis)).astype(np.int32)
+
+
+def _np_one_hot(i, depth):
+    return (i[..., None] == np.arange(depth)).astype(np.float32)
+
+
+def _np_cast(x, dtype):
+    return leafwise(lambda a: _a(a).astype(np.str_ if dtype == "string" else np.dtype(dtype)), x)
+
+
+def _np_reshape(x, shape):
+    return np.reshape(x, shape)
+
+
+def _np_zeros_like(x):
+    return leafwise(lambda a: np.zeros_like(a), x)
+
+
+def _np_ones_like(x):
+    return leafwise(lambda a: np.ones_like(a), x)
+
+
+def _dtype_of(*values) -> np.dtype | None:
+    for v in values:
+        if isinstance(v, np.ndarray):
+            return v.dtype
+    return None
+
+
+def _np_where(c, a, b):
+    dtype = _dtype_of(a, b)
+    if dtype is None:                    # two literals: float32 if either is a float, else int32
+        dtype = np.dtype(np.float32 if isinstance(a, float) or isinstance(b, float) else np.int32)
+    out = np.where(c, a, b)
+    return _a(out).astype(dtype) if dtype is not None else _a(out)
+
+
+def _np_clip(x, lo, hi):
+    return leafwise(lambda a: _a(np.clip(a, lo, hi)).astype(a.dtype), x)
+
+
+def _np_global_norm(x):
+    leaves_ = _leaves(x)
+    dtype = leaves_[0].dtype
+    return _a(np.sqrt(sum(np.sum(np.square(l, dtype=dtype), dtype=dtype) for l in leaves_))).astype(dtype)
+
+
+def _leaves(x) -> list:
+    if isinstance(x, Struct):
+        return [leaf for v in x.values for leaf in _leaves(v)]
+    return [x]
+
+
+def _np_size(x):
+    return np.int32(_a(x).size).reshape(())
+
+
+def _np_reduce(seq, init, f):
+    acc = init
+    for element in seq:
+        acc = f(acc, element)
+    return acc
+
+
+def _np_map(seq, f):
+    return [f(element) for element in seq]
+
+
+def _np_count(seq):
+    return np.asarray(len(seq), np.int32)
+
+
+def _np_num_examples(seq):
+    return np.asarray(sum(int(_leaves(e)[0].shape[0]) for e in seq), np.int32)
+
+
+def _np_filled(value):
+    def impl(shape, dtype="float32"):
+        return np.full(shape, value, np.str_ if dtype == "string" else np.dtype(dtype))
+    return impl
+
+
+# Counter-based random numbers, reproducible on every backend: the i-th number
+# of a tensor drawn with seed s is a hash of (s, i) in 32-bit integer
+# arithmetic (murmur3's finalizer), which NumPy and TensorFlow compute alike.
+def _hash32(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x85EBCA6B)
+    x ^= x >> np.uint32(13)
+    x *= np.uint32(0xC2B2AE35)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def counter_uniform(shape, seed, stream: int = 0) -> np.ndarray:
+    """Floats in [0, 1): 24 random bits of hash(hash(seed + stream) + i)."""
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    with np.errstate(over="ignore"):
+        key = _hash32(np.asarray([(int(seed) * 0x9E3779B1 + stream * 0x632BE5AB) & 0xFFFFFFFF], np.uint64))
+        bits = _hash32((np.arange(n, dtype=np.uint64) + key.astype(np.uint64)) & np.uint64(0xFFFFFFFF))
+    return ((bits >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)).reshape(shape)
+
+
+def counter_normal(shape, seed) -> np.ndarray:
+    """Standard normal floats by Box-Muller over two counter-based streams."""
+    u1 = counter_uniform(shape, seed, 1)
+    u2 = counter_uniform(shape, seed, 2)
+    radius = np.sqrt(np.float32(-2.0) * np.log(np.float32(1.0) - u1))
+    return (radius * np.cos(np.float32(2.0 * np.pi) * u2)).astype(np.float32)
+
+
+def _np_random_normal(shape, stddev, seed):
+    return (counter_normal(tuple(shape), int(seed)) * np.float32(stddev)).astype(np.float32)
+
+
+def _np_random_uniform(shape, lo, hi, seed):
+    u = counter_uniform(tuple(shape), int(seed))
+    return (np.float32(lo) + (np.float32(hi) - np.float32(lo)) * u).astype(np.float32)
+
+
+def _np_random_normal_like(x, stddev, seed):
+    """Leaf k of a struct draws with seed `seed * 1000003 + k`."""
+    counter = iter(range(10 ** 9))
+    return leafwise(lambda a: (counter_normal(a.shape, int(seed) * 1000003 + next(counter))
+                               * np.float32(stddev)).astype(a.dtype), x)
+
+
+def _clients(value) -> list:
+    return value if isinstance(value, list) else [value] * NUM_CLIENTS.get()
+
+
+def _np_federated_value(v, placement):
+    return [v] * NUM_CLIENTS.get() if str(placement) == "CLIENTS" else v
+
+
+def _np_federated_eval(f, placement):
+    return [f() for _ in range(NUM_CLIENTS.get())] if str(placement) == "CLIENTS" else f()
+
+
+def _np_federated_broadcast(x):
+    return [x] * NUM_CLIENTS.get()
+
+
+def _np_federated_map(f, *xs, out_type=None):
+    if out_type is not None and out_type.placement is Placement.SERVER:
+        return f(*xs)
+    columns = [_clients(x) for x in xs]
+    return [f(*row) for row in zip(*columns)]
+
+
+def _np_federated_apply(f, x):
+    return f(x)
+
+
+def _np_federated_zip(*xs, out_type=None):
+    if out_type.placement is Placement.SERVER:
+        return Struct(xs)
+    return [Struct(row) for row in zip(*(_clients(x) for x in xs))]
+
+
+def _zeros_of(t: Type):
+    if isinstance(t, StructType):
+        return Struct((_zeros_of(f) for f in t.types), t.names)
+    return np.zeros([d or 0 for d in t.shape], np.dtype(t.dtype))
+
+
+def _fold(values: list, combine):
+    acc = values[0]
+    for v in values[1:]:
+        acc = combine(acc, v)
+    return acc
+
+
+def _np_federated_sum(x, out_type=None):
+    values = _clients(x)
+    if not values:
+        return _zeros_of(out_type.member)
+    return _fold(values, lambda a, b: leafwise(lambda p, q: _a(p + q), a, b))
+
+
+def _np_federated_mean(x, weight=None, out_type=None):
+    values = _clients(x)
+    if not values:
+        return leafwise(lambda z: np.full_like(z, np.nan), _zeros_of(out_type.member))
+    if weight is None:
+        total = _fold(values, lambda a, b: leafwise(lambda p, q: _a(p + q), a, b))
+        return leafwise(lambda t: _a(t / t.dtype.type(len(values))), total)
+    weights = _clients(weight)
+    scaled = [leafwise(lambda p: _a(p * p.dtype.type(w)), v) for v, w in zip(values, weights)]
+    total = _fold(scaled, lambda a, b: leafwise(lambda p, q: _a(p + q), a, b))
+    wsum = float(np.sum(np.asarray(weights, np.float64)))
+    return leafwise(lambda t: _a(t / t.dtype.type(wsum)), total)
+
+
+def _extreme(fn, empty):
+    def impl(x, out_type=None):
+        values = _clients(x)
+        if not values:
+            return leafwise(lambda z: np.full_like(z, empty(z.dtype)), _zeros_of(out_type.member))
+        return _fold(values, lambda a, b: leafwise(lambda p, q: _a(fn(p, q)), a, b))
+    return impl
+
+
+def _lowest(dtype):
+    return np.iinfo(dtype).min if np.issubdtype(dtype, np.integer) else -np.inf
+
+
+def _highest(dtype):
+    return np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else np.inf
+
+
+def _np_federated_aggregate(x, zero, accumulate, merge, report):
+    """Two partial aggregates (first and second half of the clients), merged:
+    so `merge` is part of the meaning, as in a real two-level aggregation."""
+    values = _clients(x)
+    half = len(values) // 2
+    first = _np_reduce(values[:half], zero, accumulate)
+    second = _np_reduce(values[half:], zero, accumulate)
+    return report(merge(first, second))
+
+
+def _np_federated_secure_sum(x, bitwidth, out_type=None):
+    """The sum modulo 2**bitwidth (the group secure aggregation works in)."""
+    modulus = 1 << int(bitwidth)
+
+    def wrap(t):
+        return _a(np.mod(t.astype(np.int64), modulus)).astype(t.dtype)
+
+    total = _np_federated_sum([leafwise(lambda a: a.astype(np.int64), v) for v in _clients(x)],
+                           out_type=FederatedType(_int64_like(out_type.member), Placement.SERVER, True))
+    return leafwise(lambda t, z: _a(np.mod(t, modulus)).astype(z.dtype), total, _zeros_of(out_type.member))
+
+
+def _int64_like(t: Type) -> Type:
+    if isinstance(t, StructType):
+        return StructType(tuple((n, _int64_like(f)) for n, f in t.fields))
+    return TensorType("int64", t.shape)
+
+
+# structural nodes ------------------------------------------------------------------------
+
+def _np_const(value):
+    return value
+
+
+def _np_struct(*values, names=()):
+    return Struct(values, names or None)
+
+
+def _np_select(value, index, out_type=None):
+    if isinstance(out_type, FederatedType) and out_type.placement is Placement.CLIENTS:
+        return [v[index] for v in _clients(value)]
+    return value[index]
+
+
+def _np_index(x, i):
+    k = int(i)
+    if not 0 <= k < x.shape[0]:
+        raise FedlangRuntimeError(f"index {k} is out of range for a first axis of size {x.shape[0]}")
+    return x[k]
+
+
+def _np_call(f, *args):
+    return f(*args)
+
+
+def _np_cond(c, a, b):
+    return a if bool(c) else b
+
+
+def _no_type(*args, **kwargs) -> AVal:
+    raise TypeRuleError("this node is built by the compiler, not called by a program", None)
+
+
 # ---- the table -------------------------------------------------------------------------
 
 def _p(*names_kinds) -> tuple[Param, ...]:
@@ -729,97 +1086,116 @@ _ANY = frozenset({"bool", "string"}) | NUMERIC_DTYPES
 
 _ENTRIES: list[Primitive] = [
     # operators ---------------------------------------------------------------------------
-    Primitive("add", "<T,T> -> T  (numeric, broadcasting, leaf-wise)", _p("x", "y"), _arith("+", _NUMS), operator="+"),
-    Primitive("sub", "<T,T> -> T", _p("x", "y"), _arith("-", _NUMS), operator="-"),
-    Primitive("mul", "<T,T> -> T", _p("x", "y"), _arith("*", _NUMS), operator="*"),
-    Primitive("div", "<T,T> -> T  (floating)", _p("x", "y"), _div, operator="/"),
-    Primitive("mod", "<T,T> -> T", _p("x", "y"), _arith("%", _NUMS), operator="%"),
-    Primitive("pow", "<T,T> -> T", _p("x", "y"), _arith("**", _NUMS), operator="**"),
-    Primitive("neg", "T -> T", _p("x"), _neg, operator="neg"),
-    Primitive("eq", "<T,T> -> bool", _p("x", "y"), _compare("==", _ANY), operator="=="),
-    Primitive("ne", "<T,T> -> bool", _p("x", "y"), _compare("!=", _ANY), operator="!="),
-    Primitive("lt", "<T,T> -> bool", _p("x", "y"), _compare("<", _NUMS), operator="<"),
-    Primitive("le", "<T,T> -> bool", _p("x", "y"), _compare("<=", _NUMS), operator="<="),
-    Primitive("gt", "<T,T> -> bool", _p("x", "y"), _compare(">", _NUMS), operator=">"),
-    Primitive("ge", "<T,T> -> bool", _p("x", "y"), _compare(">=", _NUMS), operator=">="),
-    Primitive("logical_and", "<bool,bool> -> bool", _p("x", "y"), _arith("and", _BOOL), operator="and"),
-    Primitive("logical_or", "<bool,bool> -> bool", _p("x", "y"), _arith("or", _BOOL), operator="or"),
-    Primitive("logical_not", "bool -> bool", _p("x"), _not, operator="not"),
+    Primitive("add", "<T,T> -> T  (numeric, broadcasting, leaf-wise)", _p("x", "y"), _arith("+", _NUMS), _binary_impl(lambda x, y: x + y), operator="+"),
+    Primitive("sub", "<T,T> -> T", _p("x", "y"), _arith("-", _NUMS), operator="-", impl=_binary_impl(lambda x, y: x - y)),
+    Primitive("mul", "<T,T> -> T", _p("x", "y"), _arith("*", _NUMS), operator="*", impl=_binary_impl(lambda x, y: x * y)),
+    Primitive("div", "<T,T> -> T  (floating)", _p("x", "y"), _div, operator="/", impl=_binary_impl(_np_divide)),
+    Primitive("mod", "<T,T> -> T", _p("x", "y"), _arith("%", _NUMS), operator="%", impl=_binary_impl(lambda x, y: x % y)),
+    Primitive("pow", "<T,T> -> T", _p("x", "y"), _arith("**", _NUMS), operator="**", impl=_binary_impl(lambda x, y: x ** y)),
+    Primitive("neg", "T -> T", _p("x"), _neg, operator="neg", impl=_unary_impl(lambda x: -x)),
+    Primitive("eq", "<T,T> -> bool", _p("x", "y"), _compare("==", _ANY), operator="==", impl=_binary_impl(np.equal)),
+    Primitive("ne", "<T,T> -> bool", _p("x", "y"), _compare("!=", _ANY), operator="!=", impl=_binary_impl(np.not_equal)),
+    Primitive("lt", "<T,T> -> bool", _p("x", "y"), _compare("<", _NUMS), operator="<", impl=_binary_impl(np.less)),
+    Primitive("le", "<T,T> -> bool", _p("x", "y"), _compare("<=", _NUMS), operator="<=", impl=_binary_impl(np.less_equal)),
+    Primitive("gt", "<T,T> -> bool", _p("x", "y"), _compare(">", _NUMS), operator=">", impl=_binary_impl(np.greater)),
+    Primitive("ge", "<T,T> -> bool", _p("x", "y"), _compare(">=", _NUMS), operator=">=", impl=_binary_impl(np.greater_equal)),
+    Primitive("logical_and", "<bool,bool> -> bool", _p("x", "y"), _arith("and", _BOOL), operator="and", impl=_binary_impl(np.logical_and)),
+    Primitive("logical_or", "<bool,bool> -> bool", _p("x", "y"), _arith("or", _BOOL), operator="or", impl=_binary_impl(np.logical_or)),
+    Primitive("logical_not", "bool -> bool", _p("x"), _not, operator="not", impl=_unary_impl(np.logical_not)),
     # local builtins ----------------------------------------------------------------------
-    Primitive("matmul", "<T[..,m,k],T[..,k,n]> -> T[..,m,n]", _p("a", "b"), _matmul),
-    Primitive("relu", "T -> T  (leaf-wise)", _p("x"), _unary("relu", _NUMS)),
-    Primitive("sigmoid", "T -> T  (floating)", _p("x"), _unary("sigmoid", _FLOATS)),
-    Primitive("tanh", "T -> T  (floating)", _p("x"), _unary("tanh", _FLOATS)),
-    Primitive("exp", "T -> T  (floating)", _p("x"), _unary("exp", _FLOATS)),
-    Primitive("log", "T -> T  (floating)", _p("x"), _unary("log", _FLOATS)),
-    Primitive("sqrt", "T -> T  (floating)", _p("x"), _unary("sqrt", _FLOATS)),
-    Primitive("abs", "T -> T", _p("x"), _unary("abs", _NUMS)),
-    Primitive("square", "T -> T", _p("x"), _unary("square", _NUMS)),
-    Primitive("maximum", "<T,T> -> T", _p("x", "y"), _binary("maximum", _NUMS)),
-    Primitive("minimum", "<T,T> -> T", _p("x", "y"), _binary("minimum", _NUMS)),
+    Primitive("matmul", "<T[..,m,k],T[..,k,n]> -> T[..,m,n]", _p("a", "b"), _matmul, impl=lambda a, b: np.matmul(a, b)),
+    Primitive("relu", "T -> T  (leaf-wise)", _p("x"), _unary("relu", _NUMS), impl=_unary_impl(_np_relu)),
+    Primitive("sigmoid", "T -> T  (floating)", _p("x"), _unary("sigmoid", _FLOATS), impl=_unary_impl(_np_sigmoid)),
+    Primitive("tanh", "T -> T  (floating)", _p("x"), _unary("tanh", _FLOATS), impl=_unary_impl(np.tanh)),
+    Primitive("exp", "T -> T  (floating)", _p("x"), _unary("exp", _FLOATS), impl=_unary_impl(np.exp)),
+    Primitive("log", "T -> T  (floating)", _p("x"), _unary("log", _FLOATS), impl=_unary_impl(np.log)),
+    Primitive("sqrt", "T -> T  (floating)", _p("x"), _unary("sqrt", _FLOATS), impl=_unary_impl(np.sqrt)),
+    Primitive("abs", "T -> T", _p("x"), _unary("abs", _NUMS), impl=_unary_impl(np.abs)),
+    Primitive("square", "T -> T", _p("x"), _unary("square", _NUMS), impl=_unary_impl(np.square)),
+    Primitive("maximum", "<T,T> -> T", _p("x", "y"), _binary("maximum", _NUMS), impl=_binary_impl(np.maximum)),
+    Primitive("minimum", "<T,T> -> T", _p("x", "y"), _binary("minimum", _NUMS), impl=_binary_impl(np.minimum)),
     Primitive("softmax", "<float[..,n], axis=-1> -> float[..,n]", _p("x", Param("axis", "int", -1)),
-              _softmax("softmax")),
+              _softmax("softmax"), impl=_np_softmax),
     Primitive("log_softmax", "<float[..,n], axis=-1> -> float[..,n]", _p("x", Param("axis", "int", -1)),
-              _softmax("log_softmax")),
+              _softmax("log_softmax"), impl=_np_log_softmax),
     Primitive("sparse_softmax_cross_entropy", "<int[S],float[S,n]> -> float[S]", _p("labels", "logits"),
-              _sparse_xent),
-    Primitive("sum", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("sum", _NUMS)),
+              _sparse_xent, impl=_np_sparse_xent),
+    Primitive("sum", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("sum", _NUMS), impl=_reduction_impl(np.sum)),
     Primitive("mean", "<float[..], axis?> -> float[..]", _p("x", Param("axis", "int", None)),
-              _reduction("mean", _FLOATS)),
-    Primitive("max", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("max", _NUMS)),
-    Primitive("min", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("min", _NUMS)),
-    Primitive("argmax", "<T[..], axis> -> int32[..]", _p("x", Param("axis", "int")), _argmax),
-    Primitive("one_hot", "<int[S], depth> -> float32[S,depth]", _p("i", Param("depth", "int")), _one_hot),
-    Primitive("cast", "<T, dtype> -> dtype (leaf-wise)", _p("x", Param("dtype", "dtype")), _cast),
-    Primitive("reshape", "<T[..], [dims]> -> T[dims]", _p("x", Param("shape", "shape")), _reshape),
-    Primitive("zeros_like", "T -> T", _p("x"), _like),
-    Primitive("ones_like", "T -> T", _p("x"), _like),
-    Primitive("where", "<bool[..],T[..],T[..]> -> T[..]", _p("c", "a", "b"), _where),
-    Primitive("clip", "<T,lo,hi> -> T", _p("x", "lo", "hi"), _clip),
-    Primitive("global_norm", "<float tensors> -> float", _p("x"), _global_norm),
-    Primitive("size", "T[..] -> int32", _p("x"), _size),
-    Primitive("grad", "(<P,..> -> float) -> (<P,..> -> P)", _p("f"), _grad),
-    Primitive("value_and_grad", "(<P,..> -> float) -> (<P,..> -> <float,P>)", _p("f"), _value_and_grad),
-    Primitive("reduce", "<T*,U,(<U,T> -> U)> -> U", _p("seq", "init", "f"), _reduce),
-    Primitive("map", "<T*,(T -> U)> -> U*", _p("seq", "f"), _map),
-    Primitive("count", "T* -> int32", _p("seq"), _count),
-    Primitive("num_examples", "T[n,..]* -> int32", _p("seq"), _num_examples),
+              _reduction("mean", _FLOATS), impl=_np_mean),
+    Primitive("max", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("max", _NUMS), impl=_reduction_impl(np.max)),
+    Primitive("min", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("min", _NUMS), impl=_reduction_impl(np.min)),
+    Primitive("argmax", "<T[..], axis> -> int32[..]", _p("x", Param("axis", "int")), _argmax, impl=_np_argmax),
+    Primitive("one_hot", "<int[S], depth> -> float32[S,depth]", _p("i", Param("depth", "int")), _one_hot, impl=_np_one_hot),
+    Primitive("cast", "<T, dtype> -> dtype (leaf-wise)", _p("x", Param("dtype", "dtype")), _cast, impl=_np_cast),
+    Primitive("reshape", "<T[..], [dims]> -> T[dims]", _p("x", Param("shape", "shape")), _reshape, impl=_np_reshape),
+    Primitive("zeros_like", "T -> T", _p("x"), _like, impl=_np_zeros_like),
+    Primitive("ones_like", "T -> T", _p("x"), _like, impl=_np_ones_like),
+    Primitive("where", "<bool[..],T[..],T[..]> -> T[..]", _p("c", "a", "b"), _where, impl=_np_where),
+    Primitive("clip", "<T,lo,hi> -> T", _p("x", "lo", "hi"), _clip, impl=_np_clip),
+    Primitive("global_norm", "<float tensors> -> float", _p("x"), _global_norm, impl=_np_global_norm),
+    Primitive("size", "T[..] -> int32", _p("x"), _size, impl=_np_size),
+    Primitive("grad", "(<P,..> -> float) -> (<P,..> -> P)", _p("f"), _grad, impl=None),
+    Primitive("value_and_grad", "(<P,..> -> float) -> (<P,..> -> <float,P>)", _p("f"), _value_and_grad, impl=None),
+    Primitive("reduce", "<T*,U,(<U,T> -> U)> -> U", _p("seq", "init", "f"), _reduce, impl=_np_reduce),
+    Primitive("map", "<T*,(T -> U)> -> U*", _p("seq", "f"), _map, impl=_np_map),
+    Primitive("count", "T* -> int32", _p("seq"), _count, impl=_np_count),
+    Primitive("num_examples", "T[n,..]* -> int32", _p("seq"), _num_examples, impl=_np_num_examples),
     Primitive("zeros", "<[dims], dtype=float32> -> dtype[dims]",
-              _p(Param("shape", "shape"), Param("dtype", "dtype", "float32")), _filled),
+              _p(Param("shape", "shape"), Param("dtype", "dtype", "float32")), _filled, impl=_np_filled(0)),
     Primitive("ones", "<[dims], dtype=float32> -> dtype[dims]",
-              _p(Param("shape", "shape"), Param("dtype", "dtype", "float32")), _filled),
+              _p(Param("shape", "shape"), Param("dtype", "dtype", "float32")), _filled, impl=_np_filled(1)),
     Primitive("random_normal", "<[dims],float,int> -> float32[dims]",
-              _p(Param("shape", "shape"), "stddev", "seed"), _random_normal),
+              _p(Param("shape", "shape"), "stddev", "seed"), _random_normal, impl=_np_random_normal),
     Primitive("random_uniform", "<[dims],float,float,int> -> float32[dims]",
-              _p(Param("shape", "shape"), "lo", "hi", "seed"), _random_uniform),
-    Primitive("random_normal_like", "<T,float,int> -> T", _p("x", "stddev", "seed"), _random_normal_like),
+              _p(Param("shape", "shape"), "lo", "hi", "seed"), _random_uniform, impl=_np_random_uniform),
+    Primitive("random_normal_like", "<T,float,int> -> T", _p("x", "stddev", "seed"), _random_normal_like, impl=_np_random_normal_like),
     # federated intrinsics ---------------------------------------------------------------
     Primitive("federated_value", "<T,P> -> T@P", _p("v", Param("placement", "placement")), _federated_value,
-              federated=True),
+              federated=True, impl=_np_federated_value),
     Primitive("federated_eval", "<( -> T),P> -> T@P", _p("f", Param("placement", "placement")),
-              _federated_eval, federated=True),
-    Primitive("federated_broadcast", "T@SERVER -> T@CLIENTS", _p("x"), _federated_broadcast, federated=True),
+              _federated_eval, federated=True, impl=_np_federated_eval),
+    Primitive("federated_broadcast", "T@SERVER -> T@CLIENTS", _p("x"), _federated_broadcast, federated=True, impl=_np_federated_broadcast),
     Primitive("federated_map", "<(<T1..Tn> -> U),{T1}@CLIENTS..> -> {U}@CLIENTS", _p("f", "xs"),
-              _federated_map, federated=True, variadic=True),
+              _federated_map, federated=True, variadic=True, typed_impl=True, impl=_np_federated_map),
     Primitive("federated_apply", "<(T -> U),T@SERVER> -> U@SERVER", _p("f", "x"), _federated_apply,
-              federated=True),
+              federated=True, impl=_np_federated_apply),
     Primitive("federated_zip", "<{T1}@CLIENTS..> -> {<T1..>}@CLIENTS", _p("xs"), _federated_zip,
-              federated=True, variadic=True),
+              federated=True, variadic=True, typed_impl=True, impl=_np_federated_zip),
     Primitive("federated_sum", "{T}@CLIENTS -> T@SERVER", _p("x"), _aggregation("federated_sum", _NUMS, "numeric"),
-              federated=True),
+              federated=True, typed_impl=True, impl=_np_federated_sum),
     Primitive("federated_mean", "<{T}@CLIENTS,weight={float32}@CLIENTS> -> T@SERVER",
-              _p("x", Param("weight", "value", None)), _federated_mean, federated=True),
+              _p("x", Param("weight", "value", None)), _federated_mean, federated=True, typed_impl=True, impl=_np_federated_mean),
     Primitive("federated_min", "{T}@CLIENTS -> T@SERVER", _p("x"), _aggregation("federated_min", _NUMS, "numeric"),
-              federated=True),
+              federated=True, typed_impl=True, impl=_extreme(np.minimum, _highest)),
     Primitive("federated_max", "{T}@CLIENTS -> T@SERVER", _p("x"), _aggregation("federated_max", _NUMS, "numeric"),
-              federated=True),
+              federated=True, typed_impl=True, impl=_extreme(np.maximum, _lowest)),
     Primitive("federated_aggregate", "<{T}@CLIENTS,U,(<U,T> -> U),(<U,U> -> U),(U -> R)> -> R@SERVER",
-              _p("x", "zero", "accumulate", "merge", "report"), _federated_aggregate, federated=True),
+              _p("x", "zero", "accumulate", "merge", "report"), _federated_aggregate, federated=True, impl=_np_federated_aggregate),
     Primitive("federated_secure_sum", "<{T}@CLIENTS,bitwidth> -> T@SERVER  (integer)",
-              _p("x", Param("bitwidth", "int")), _federated_secure_sum, federated=True),
+              _p("x", Param("bitwidth", "int")), _federated_secure_sum, federated=True, typed_impl=True, impl=_np_federated_secure_sum),
 ]
+
+# Structural nodes of the IR (built by the compiler; a program cannot name them).
+_STRUCTURAL = [
+    Primitive("param", "parameter `index` of the function", (Param("index", "int"),), _no_type, callable=False),
+    Primitive("capture", "captured value `index` of a closure", (Param("index", "int"),), _no_type, callable=False),
+    Primitive("global", "the top-level computation `name`", (Param("name", "name"),), _no_type, callable=False),
+    Primitive("closure", "<captures..> -> a function value of `function`", (Param("function", "function"),),
+              _no_type, callable=False),
+    Primitive("const", "a constant `value` (a Python number when weak)", (Param("value", "value"),), _no_type,
+              impl=_np_const, callable=False),
+    Primitive("struct", "<T1..Tn> -> <names=T1..Tn>", (Param("names", "names"),), _no_type, impl=_np_struct,
+              callable=False),
+    Primitive("select", "<..,T_index,..> -> T_index  (placement kept)", (Param("index", "int"),), _no_type,
+              impl=_np_select, typed_impl=True, callable=False),
+    Primitive("index", "<T[n,..],int> -> T[..]", _p("x", "i"), _no_type, impl=_np_index, callable=False),
+    Primitive("call", "<(T -> U),T> -> U", _p("f", "args"), _no_type, impl=_np_call, variadic=True, callable=False),
+    Primitive("cond", "<bool,T,T> -> T", _p("c", "a", "b"), _no_type, impl=_np_cond, callable=False),
+]
+_ENTRIES += _STRUCTURAL
 
 PRIMITIVES: dict[str, Primitive] = {p.name: p for p in _ENTRIES}
 OPERATORS: dict[str, Primitive] = {p.operator: p for p in _ENTRIES if p.operator}
 # Names a program can call: builtins and intrinsics, not the operator entries.
-CALLABLE: dict[str, Primitive] = {p.name: p for p in _ENTRIES if p.operator is None}
+CALLABLE: dict[str, Primitive] = {p.name: p for p in _ENTRIES if p.operator is None and p.callable}
