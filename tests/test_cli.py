@@ -169,7 +169,7 @@ def test_several_files(capsys, tmp_path, repo_root):
     code, out, err = run(capsys, "check", str(one), MEAN_TEMPERATURE, str(two))
     assert code == 1
     assert f"{one}:1:31: error[E030]" in err
-    assert f"{two}:1:51: error[E060]" in err
+    assert f"{two}:1:50: error[E060]" in err
     assert err.endswith("fedlang: 2 errors in 3 files\n")
 
 
@@ -346,3 +346,47 @@ def test_check_imports_only_the_front_end(repo_root):
     heavy = sorted({"numpy", "networkx", "scipy"} & top)
     if heavy:           # not wrong yet, but the front end does not need them
         warnings.warn(f"fedlang check imports {heavy} ({len(report['modules'])} modules in all)")
+
+
+# ---- bugs in fedlang itself ------------------------------------------------------------------------
+
+def test_internal_error_is_reported_without_traceback(capsys, monkeypatch, repo_root):
+    import fedlang.api
+
+    def broken(*paths):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(fedlang.api, "check", broken)
+    monkeypatch.delenv("FEDLANG_DEBUG", raising=False)
+    code, out, err = run(capsys, "check", MEAN_TEMPERATURE)
+    assert code == 3
+    assert err.startswith("internal compiler error: RuntimeError: boom\n")
+    assert "bug in fedlang" in err
+
+
+def test_internal_error_traceback_with_fedlang_debug(capsys, monkeypatch, repo_root):
+    import fedlang.api
+
+    def broken(*paths):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(fedlang.api, "check", broken)
+    monkeypatch.setenv("FEDLANG_DEBUG", "1")
+    code = main(["check", MEAN_TEMPERATURE])
+    out, err = capsys.readouterr()
+    assert code == 3
+    assert "internal compiler error" in err and "Traceback" in err
+
+
+@pytest.mark.parametrize("text", [
+    "fn f(x: float32, x: int32) -> float32 = x\n",
+    "fn g(s: float32*) -> float32* = map(s, fn(x: float32, x: float32) -> float32 = x)\n",
+])
+def test_duplicate_parameter_is_a_diagnostic(capsys, tmp_path, text):
+    # Once an internal compiler error (the struct type of the parameters rejected the duplicate).
+    path = tmp_path / "dup.fed"
+    path.write_text(text)
+    code, out, err = run(capsys, "check", str(path))
+    assert code == 1
+    assert "internal compiler error" not in err
+    assert "error[E031]" in err
