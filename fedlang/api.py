@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass
 
 from fedlang.diagnostics import Diagnostic, FedlangError, SourceMap, render_all
@@ -50,12 +52,28 @@ class CheckResult:
 
 def check(*paths: str) -> CheckResult:
     """Check the given .fed files and everything they import."""
-    return _check(load_sources(list(paths)))
+    with _gc_paused():
+        return _check(load_sources(list(paths)))
 
 
 def check_source(text: str, file: str = "<input>.fed") -> CheckResult:
     """Check program text that is not on disk (imports resolve relative to `file`)."""
-    return _check(load_sources([file], texts={file: text}))
+    with _gc_paused():
+        return _check(load_sources([file], texts={file: text}))
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Checking allocates many small, acyclic objects (tokens, AST nodes); Python's
+    cyclic collector would rescan them again and again (half the time of a
+    10,000-line check). Reference counting frees them all the same."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _check(program: LoadedProgram) -> CheckResult:

@@ -6,27 +6,41 @@ become diagnostics E001/E002; nothing here raises a Lark exception at a user.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
+import threading
 import importlib.resources
 from typing import Any
 
 import lark
-from lark import Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark import Token
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from fedlang.diagnostics import Diagnostic, FedlangError, InternalCompilerError, Span
 from fedlang.syntax import ast
+from fedlang.syntax.lexer import FastLexer
 
 KEYWORDS = frozenset(
     "import as type fn comp process let return if then else and or not true false CLIENTS SERVER".split())
 DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64", "string")
 
 
+_BUILDER_LOCK = threading.Lock()
+
+
 @functools.cache
-def _parser() -> lark.Lark:
+def _parser() -> tuple[lark.Lark, "_ToAst"]:
+    """The LALR parser with the AST builder inlined as its callbacks.
+
+    Callbacks build AST nodes while parsing (no parse tree, no second pass);
+    `keep_all_tokens` hands them the punctuation too, so every node's span runs
+    from its first token to its last one."""
     grammar = importlib.resources.files("fedlang.grammar").joinpath("fedlang.lark").read_text("utf-8")
-    return lark.Lark(grammar, parser="lalr", lexer="basic", start=["module", "type_only"],
-                     propagate_positions=True, maybe_placeholders=True)
+    builder = _ToAst()
+    parser = lark.Lark(grammar, parser="lalr", lexer=FastLexer, start=["module", "type_only"],
+                       keep_all_tokens=True, maybe_placeholders=True, transformer=builder)
+    _check_every_rule_has_a_method(parser, builder)
+    return parser, builder
 
 
 class SyntaxErrors(FedlangError):
@@ -39,8 +53,6 @@ def parse_module(text: str, file: str) -> ast.Module:
         return _parse(text, file, "module")
     except SyntaxErrors as error:
         first = error.diagnostics[0]
-        if first.code == "E003":
-            raise
         raise SyntaxErrors([first, *_more_syntax_errors(text, file, first)]) from None
 
 
@@ -68,10 +80,10 @@ def _more_syntax_errors(text: str, file: str, error: Diagnostic, limit: int = 20
         resumed_at = match.start()
         blanked = "".join(c if c == "\n" else " " for c in text[:match.start()]) + text[match.start():]
         try:
-            _parser().parse(blanked, start="module")
+            _parse(blanked, file, "module")
             return found
-        except UnexpectedInput as more:
-            error = _syntax_diagnostic(more, blanked, file)
+        except SyntaxErrors as more:
+            error = more.diagnostics[0]
             found.append(error)
 
 
@@ -80,24 +92,79 @@ def parse_type_expr(text: str, file: str = "<type>") -> ast.TypeExpr:
 
 
 def _parse(text: str, file: str, start: str) -> Any:
-    try:
-        tree = _parser().parse(text, start=start)
-    except UnexpectedInput as error:
-        raise SyntaxErrors([_syntax_diagnostic(error, text, file)]) from None
-    try:
-        return _ToAst(file).transform(tree)
-    except RecursionError:
-        raise SyntaxErrors([Diagnostic(
-            "E003", "the program nests too deeply for fedlang to read", Span(file, 1, 1, 1, 1),
-            help="split deeply nested expressions into let statements")]) from None
-    except VisitError as error:
-        if isinstance(error.orig_exc, RecursionError):
-            raise SyntaxErrors([Diagnostic(
-                "E003", "the program nests too deeply for fedlang to read", Span(file, 1, 1, 1, 1),
-                help="split deeply nested expressions into let statements")]) from None
-        if isinstance(error.orig_exc, SyntaxErrors):
-            raise error.orig_exc from None
-        raise InternalCompilerError(f"AST construction failed: {error.orig_exc!r}") from error.orig_exc
+    _, builder = _parser()
+    with _BUILDER_LOCK:
+        builder.file = file
+        try:
+            return _drive(text, start)
+        except UnexpectedInput as error:
+            raise SyntaxErrors([_syntax_diagnostic(error, text, file)]) from None
+
+
+@functools.cache
+def _tables():
+    """Lark's LALR table, flattened for the driver below: per state, per symbol,
+    (True, next state) to shift or (False, (callback, rule size, rule name)) to reduce."""
+    parser, _ = _parser()
+    inner = parser.parser.parser.parser
+    table = {}
+    for state, actions in inner.parse_table.states.items():
+        row = {}
+        for symbol, (action, arg) in actions.items():
+            if action.name == "Shift":
+                row[str(symbol)] = (True, arg)
+            else:
+                row[str(symbol)] = (False, (inner.callbacks[arg], len(arg.expansion), str(arg.origin.name)))
+        table[state] = row
+    return table, inner.parse_table.start_states, inner.parse_table.end_states, parser.parser.lexer.lexer
+
+
+def _drive(text: str, start: str) -> Any:
+    """Run Lark's LALR(1) table over our tokens, calling the AST callbacks on reduce.
+
+    The same automaton as `Lark.parse`, in a loop without its per-token checks
+    (about twice as fast, which is most of `fedlang check` on large files)."""
+    table, starts, ends, lexer = _tables()
+    end_state = ends[start]
+    states, values = [starts[start]], []
+    last = None
+    for token in itertools.chain(lexer.lex(text), (None,)):
+        if token is None:
+            token = Token("$END", "", *(_end_position_of(last, text)))
+        while True:
+            row = table[states[-1]]
+            entry = row.get(token.type)
+            if entry is None:
+                raise UnexpectedToken(token, {s for s in row if s.isupper()})
+            shift, arg = entry
+            if shift:
+                states.append(arg)
+                values.append(token)
+                break
+            callback, size, origin = arg
+            if size:
+                children = values[-size:]
+                del states[-size:]
+                del values[-size:]
+            else:
+                children = []
+            values.append(callback(children))
+            states.append(table[states[-1]][origin][1])
+            if token.type == "$END" and states[-1] == end_state:
+                return values[-1]
+        last = token
+    raise InternalCompilerError("the parser stopped before the end of the input")
+
+
+def _end_position_of(last: Token | None, text: str) -> tuple:
+    if last is None:
+        return (0, 1, 1, 1, 1, 0)
+    return (last.end_pos, last.end_line, last.end_column, last.end_line, last.end_column, last.end_pos)
+
+
+def _check_only(text: str, start: str = "module") -> None:
+    """Parse without keeping the result (syntax error recovery re-parses)."""
+    _parse(text, "<recovery>", start)
 
 
 # ---- syntax errors -------------------------------------------------------------
@@ -112,7 +179,7 @@ _READABLE = {
 def _readable(terminal: str) -> str:
     if terminal in _READABLE:
         return _READABLE[terminal]
-    definition = _parser().get_terminal(terminal) if terminal in _terminal_names() else None
+    definition = _parser()[0].get_terminal(terminal) if terminal in _terminal_names() else None
     if definition is not None and definition.pattern.type == "str":
         return f"`{definition.pattern.value}`"
     return terminal.lower()
@@ -120,7 +187,7 @@ def _readable(terminal: str) -> str:
 
 @functools.cache
 def _terminal_names() -> frozenset[str]:
-    return frozenset(t.name for t in _parser().terminals)
+    return frozenset(t.name for t in _parser()[0].terminals)
 
 
 def _expected_help(expected: set[str] | frozenset[str]) -> str | None:
@@ -178,27 +245,57 @@ def _token_span(file: str, token: Token) -> Span:
     return Span(file, token.line, token.column, token.end_line, token.end_column)
 
 
-@v_args(meta=True)
-class _ToAst(Transformer):
-    """One method per grammar rule; anything else is a bug (see __default__)."""
+# Terminals whose tokens are values (names, literals); the others are punctuation
+# and keywords, which only give nodes their spans.
+_VALUE_TERMINALS = frozenset({"NAME", "INT", "FLOAT", "STRING", "DTYPE", "TRUE", "FALSE", "CLIENTS", "SERVER"})
 
-    def __init__(self, file: str):
-        super().__init__(visit_tokens=False)
-        self.file = file
 
-    def __default__(self, data, children, meta):
-        raise InternalCompilerError(f"grammar rule {data!r} has no AST method")
+def _rule(method):
+    """Adapt a rule method to Lark's inline callbacks: compute the span from the
+    first and last positioned child, drop punctuation, call method(span, children)."""
+    @functools.wraps(method)
+    def callback(self, children):
+        first = last = None
+        for c in children:
+            if isinstance(c, (Token, ast.Node)):
+                first = c
+                break
+        if first is None:
+            span = Span(self.file, 1, 1, 1, 1)
+        else:
+            for c in reversed(children):
+                if isinstance(c, (Token, ast.Node)):
+                    last = c
+                    break
+            if isinstance(first, Token):
+                line, column = first.line, first.column
+            else:
+                line, column = first.span.line, first.span.column
+            if isinstance(last, Token):
+                end_line, end_column = last.end_line, last.end_column
+            else:
+                end_line, end_column = last.span.end_line, last.span.end_column
+            span = Span(self.file, line, column, end_line, end_column)
+        kept = [c for c in children if not (isinstance(c, Token) and c.type not in _VALUE_TERMINALS)]
+        return method(self, span, kept)
+    return callback
 
-    def _span(self, meta) -> Span:
-        return Span(self.file, meta.line, meta.column, meta.end_line, meta.end_column)
+
+class _ToAst:
+    """One method per grammar rule, each building a frozen AST node with its span.
+
+    A rule without a method is a bug: Lark refuses to build the parser."""
+
+    file = "<input>"
+
+    def _span(self, span: Span) -> Span:
+        return span
 
     def _tok(self, token: Token) -> Span:
         return _token_span(self.file, token)
 
     # -- module and declarations
     def module(self, meta, decls):
-        if meta.empty:
-            return ast.Module(Span(self.file, 1, 1, 1, 1), tuple(decls))
         return ast.Module(self._span(meta), tuple(decls))
 
     def import_decl(self, meta, children):
@@ -244,6 +341,9 @@ class _ToAst(Transformer):
         name, type_expr = children
         return ast.Param(self._span(meta), str(name), type_expr)
 
+    def body(self, meta, children):
+        return children[0]           # `= expr`
+
     def block(self, meta, children):
         *lets, result = children
         return ast.Block(self._span(meta), tuple(lets), result)
@@ -274,7 +374,7 @@ class _ToAst(Transformer):
         return ast.FederatedTypeExpr(self._span(meta), member, placement, all_equal=False)
 
     def placement(self, meta, children):
-        return str(children[0])
+        return children[0]           # the CLIENTS/SERVER token: a str that keeps its position
 
     def tensor_type(self, meta, children):
         dtype, *dims = children
@@ -304,7 +404,8 @@ class _ToAst(Transformer):
 
     # -- expressions
     def lambda_expr(self, meta, children):
-        params, result, body = children
+        params, *optional, body = children       # `["->" type]`: a placeholder per symbol when absent
+        result = next((c for c in optional if c is not None), None)
         return ast.Lambda(self._span(meta), params, result, body)
 
     def if_expr(self, meta, children):
@@ -406,6 +507,19 @@ class _ToAst(Transformer):
 
     def positional_arg(self, meta, children):
         return ast.Arg(self._span(meta), None, children[0])
+
+
+for _name, _method in list(vars(_ToAst).items()):
+    if callable(_method) and not _name.startswith("_"):
+        setattr(_ToAst, _name, _rule(_method))
+
+
+def _check_every_rule_has_a_method(parser: lark.Lark, builder: _ToAst) -> None:
+    for rule in parser.rules:
+        name = rule.alias or rule.origin.name
+        inlined = rule.options.expand1 and len(rule.expansion) == 1 and not rule.alias
+        if not inlined and not name.startswith("_") and not hasattr(builder, name):
+            raise InternalCompilerError(f"grammar rule {name!r} has no AST method")
 
 
 _ESCAPES = {"\\": "\\", '"': '"', "n": "\n", "t": "\t"}
