@@ -43,6 +43,11 @@ class Diagnostic:
     label: str = ""              # printed after the carets
     help: str | None = None
     notes: tuple[str, ...] = ()
+    file: str | None = None      # for a diagnostic about a whole file (no span)
+
+    @property
+    def path(self) -> str | None:
+        return self.span.file if self.span is not None else self.file
 
     @property
     def severity(self) -> str:
@@ -86,7 +91,7 @@ def render(diagnostic: Diagnostic, sources: SourceMap) -> str:
     d = diagnostic
     head = f"{d.severity}[{d.code}]: {d.message}"
     if d.span is None:
-        lines = [head]
+        lines = [f"{d.file}: {head}" if d.file else head]
     else:
         lines = [f"{d.span}: {head}"]
         source_line = sources.line(d.span.file, d.span.line)
@@ -108,7 +113,7 @@ def render(diagnostic: Diagnostic, sources: SourceMap) -> str:
         lines.append(f"  = note: {note}")
     if d.help:
         lines.append(f"  = help: {d.help}")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 _MAX_SHOWN = 100
@@ -134,6 +139,8 @@ def to_json(diagnostic: Diagnostic) -> dict:
     if d.span is not None:
         out.update(file=d.span.file, line=d.span.line, column=d.span.column,
                    end_line=d.span.end_line, end_column=d.span.end_column)
+    elif d.file is not None:
+        out.update(file=d.file)
     out.update(label=d.label, help=d.help, notes=list(d.notes))
     return out
 

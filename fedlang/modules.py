@@ -8,6 +8,7 @@ diagnostics, never exceptions.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import os
 from dataclasses import dataclass, field
@@ -45,6 +46,13 @@ def stdlib_modules() -> list[str]:
 
 def read_source(path: Path, display: str, span: Span | None = None) -> tuple[str | None, Diagnostic | None]:
     """The text of a file, or a diagnostic saying why it cannot be read."""
+    text, problem = _read(path, display, span)
+    if problem is not None and span is None:
+        problem = dataclasses.replace(problem, file=display)
+    return text, problem
+
+
+def _read(path: Path, display: str, span: Span | None) -> tuple[str | None, Diagnostic | None]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -157,7 +165,7 @@ class _Loader:
             return None
         if not module.decls and not text.strip("\ufeff \t\r\n"):
             self.diagnostics.append(Diagnostic("W001", f"`{display}` is empty", None,
-                                               help="a module declares fn, comp, type or process"))
+                                               help="a module declares fn, comp, type or process", file=display))
         loaded = LoadedModule(key, display, name, module)
         self.stack.append((key, display))
         for decl in module.decls:
@@ -170,6 +178,11 @@ class _Loader:
                 continue
             if decl.dotted is not None:
                 target = self.load_std(decl.dotted[1], decl.target_span)
+            elif not decl.path.endswith(".fed"):
+                self.diagnostics.append(Diagnostic(
+                    "E020", f"cannot import `{decl.path}`: fedlang imports .fed files", decl.target_span,
+                    "not a .fed file", help='name a fedlang source file, e.g. import "models/mlp.fed" as mlp'))
+                continue
             else:
                 relative = Path(decl.path)
                 shown = os.path.normpath(os.path.join(os.path.dirname(display), decl.path))

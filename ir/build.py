@@ -310,6 +310,9 @@ class _ExprBuilder:
             inputs.append(self.expr(arg.value, scope))
         if p.name == "reduce":
             inputs[1] = self.coerce(inputs[1], self.aval(e).type)
+        if p.name == "federated_aggregate":       # a literal zero takes the accumulator's type
+            accumulator = function_parameters(self.aval(given["accumulate"].value))[0]
+            inputs[1] = self.coerce(inputs[1], accumulator)
         if p.name in _TYPED_SCALAR_ARGS:
             inputs = [self._materialize_default(i) for i in inputs]
         if not p.variadic:
@@ -337,7 +340,7 @@ class _ExprBuilder:
 # Primitives whose scalar arguments are not elementwise partners of a tensor: weak
 # literals given to them take their default dtype (int32, float32).
 _TYPED_SCALAR_ARGS = frozenset({
-    "reduce", "federated_value", "federated_aggregate", "random_normal", "random_uniform", "random_normal_like",
+    "reduce", "federated_value", "random_normal", "random_uniform", "random_normal_like",
     "size", "count", "num_examples", "cast", "one_hot", "argmax", "sum", "mean", "max", "min", "zeros_like",
     "ones_like", "global_norm", "reshape", "softmax", "log_softmax", "matmul", "sparse_softmax_cross_entropy",
 })

@@ -335,7 +335,8 @@ class _Checker:
         if binding.aval.unknown:
             return
         expected = binding.aval.type.result
-        self.expect(expected, body, _result_span(decl.body), f"the result of {kind} `{decl.name}`")
+        self.expect(expected, body, _result_span(decl.body), f"the result of {kind} `{decl.name}`",
+                    _result_expr(decl.body))
 
     def _check_process(self, decl: ast.ProcessDecl) -> Type | None:
         binding = self.top.get(decl.name)
@@ -349,7 +350,8 @@ class _Checker:
             else:
                 fields[key] = (key_span, value)
         missing = [k for k in ("init", "next") if k not in fields]
-        if missing:
+        unknown_keys = any(key not in ("init", "next") for key, _, _ in decl.fields)
+        if missing and not unknown_keys:
             self.error("E054", f"process `{decl.name}` has no `{missing[0]}`", decl.name_span,
                        help="write process p(init = initialize, next = round)")
         ctx = _Ctx(_Scope(), local=False, where=f"process `{decl.name}`")
@@ -466,6 +468,10 @@ class _Checker:
         return method(e, ctx)
 
     def _infer_IntLit(self, e: ast.IntLit, ctx: _Ctx) -> AVal:
+        if e.value > 2 ** 63 - 1:
+            self.error("E049", f"the integer literal {e.value} is too large", e.span, "out of range",
+                       help="integers are at most int64 (9223372036854775807)")
+            return UNKNOWN_AVAL
         return weak_scalar("int")
 
     def _infer_FloatLit(self, e: ast.FloatLit, ctx: _Ctx) -> AVal:
@@ -688,7 +694,8 @@ class _Checker:
         types = []
         for p in e.params:
             t = self.resolve_type(p.type)
-            self._no_placement(t, p.type.span, f"the parameter `{p.name}` of a lambda")
+            if self._no_placement(t, p.type.span, f"the parameter `{p.name}` of a lambda"):
+                duplicate = True             # reported; the lambda's type is unknown from here on
             types.append(t)
             scope.names[p.name] = Binding("var", p.span, aval=AVal(t if not (t is not UNKNOWN and is_placed(t))
                                                                    else UNKNOWN))
@@ -700,8 +707,10 @@ class _Checker:
         if e.result is not None:
             result = self.resolve_type(e.result)
             if result is not UNKNOWN:
-                self._no_placement(result, e.result.span, "the result of a lambda")
-                self.expect(result, body, _result_span(e.body), "the result of this lambda")
+                if self._no_placement(result, e.result.span, "the result of a lambda"):
+                    result = UNKNOWN
+                else:
+                    self.expect(result, body, _result_span(e.body), "the result of this lambda")
         elif not body.unknown:
             result = strong(body).type
         if duplicate or result is UNKNOWN or any(t is UNKNOWN for t in types):
@@ -735,6 +744,8 @@ class _Checker:
             names = [n for n in ft.parameter.names] if all(ft.parameter.names) else None
         ordered: list[tuple[ast.Arg, AVal] | None] = [None] * len(params)
         position = 0
+        if self._positional_after_keyword([a for a, _ in args], shown):
+            return UNKNOWN_AVAL
         for arg, aval in args:
             if arg.keyword is None:
                 if position >= len(params):
@@ -771,6 +782,17 @@ class _Checker:
             what = f"the {ORDINALS[i]} argument of {shown}"
             ok &= self.expect(expected, aval, arg.value.span, what)
         return AVal(ft.result) if ok else UNKNOWN_AVAL
+
+    def _positional_after_keyword(self, args: list[ast.Arg], shown: str) -> bool:
+        seen_keyword = False
+        for arg in args:
+            if arg.keyword is not None:
+                seen_keyword = True
+            elif seen_keyword:
+                self.error("E042", f"a positional argument of {shown} follows a keyword argument", arg.span,
+                           "after a keyword argument", help="give positional arguments first, then keywords")
+                return True
+        return False
 
     def _placed_to_fn(self, shown: str, ft: FunctionType, ordered, placed) -> AVal:
         """An fn called on placed values: report, then go on as federated_map/apply would."""
@@ -836,6 +858,8 @@ class _Checker:
         given: dict[str, ast.Arg] = {}
         rest: list[ast.Arg] = []
         position = 0
+        if self._positional_after_keyword(list(e.args), prim.name):
+            return None
         for arg in e.args:
             if arg.keyword is None:
                 if position < len(fixed):
@@ -901,6 +925,10 @@ class _Checker:
             if isinstance(e, ast.ListLit):
                 dims = [_static_int(i) for i in e.items]
                 if all(d is not None for d in dims):
+                    if any(abs(d) > 2 ** 31 - 1 for d in dims):
+                        self.error("E049", f"the shape of {prim.name} has a dimension beyond 2**31 - 1", e.span,
+                                   "too large")
+                        return _BAD
                     return tuple(dims)
             self.error("E049", f"the shape of {prim.name} must be a list of integer literals", e.span,
                        "not a static shape", help="write it out, e.g. [64, 10]")
@@ -919,10 +947,21 @@ class _Checker:
         raise AssertionError(kind)
 
     # ---- expected types ------------------------------------------------------------------------
-    def expect(self, expected: Type, aval: AVal, span: Span, what: str) -> bool:
-        """Report unless `aval` may be used where `expected` is required."""
+    def expect(self, expected: Type, aval: AVal, span: Span, what: str, expr: ast.Expr | None = None) -> bool:
+        """Report unless `aval` may be used where `expected` is required.
+
+        When the value is a struct literal, point at the field that does not fit."""
         if accepts(expected, aval):
             return True
+        if isinstance(expr, ast.StructLit) and isinstance(expected, StructType) \
+                and len(expected.fields) == len(expr.fields) and not aval.unknown:
+            for i, ((name, field_expr), (expected_name, field_type)) in enumerate(zip(expr.fields, expected.fields)):
+                field_aval = self.avals.get(id(field_expr))
+                names_fit = (expected_name is None and name is None) or (
+                    expected_name is not None and name in (expected_name, None))
+                if field_aval is not None and names_fit and not accepts(field_type, field_aval):
+                    label = f"field `{name}`" if name else f"the {ORDINALS[i]} field"
+                    return self.expect(field_type, field_aval, field_expr.span, f"{label} of {what}", field_expr)
         self.diagnostics.append(_mismatch(expected, aval.type, span, what))
         return False
 
@@ -936,6 +975,10 @@ def _parameter_type(params: tuple[ast.Param, ...], types: list[Type]) -> Type | 
     if len(params) == 1:
         return types[0]
     return StructType(tuple((p.name, t) for p, t in zip(params, types)))
+
+
+def _result_expr(body: ast.Expr | ast.Block) -> ast.Expr:
+    return body.result if isinstance(body, ast.Block) else body
 
 
 def _result_span(body: ast.Expr | ast.Block) -> Span:
@@ -965,11 +1008,15 @@ def _callee_name(func: ast.Expr) -> str:
 
 
 def _lift_help(t: Type, fn: str | None = None) -> str:
-    target = fn.strip("`") if fn else "an fn"
-    if isinstance(t, FederatedType) and t.placement is Placement.SERVER:
-        return f"apply it at the server with federated_apply({target}, x)"
+    server = isinstance(t, FederatedType) and t.placement is Placement.SERVER
     if fn:
-        return f"apply it at each client with federated_map({target}, x)"
+        target = fn.strip("`")
+        return (f"apply it at the server with federated_apply({target}, x)" if server
+                else f"apply it at each client with federated_map({target}, x)")
+    if server:
+        return "write the local work as an fn f and apply it at the server: federated_apply(f, x)"
+    if isinstance(t, FederatedType):
+        return "write the local work as an fn f and apply it at each client: federated_map(f, x)"
     return "do local work inside an fn and apply it with federated_map (CLIENTS) or federated_apply (SERVER)"
 
 

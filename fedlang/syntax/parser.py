@@ -203,6 +203,21 @@ def _expected_help(expected: set[str] | frozenset[str]) -> str | None:
     return "expected " + ", ".join(names)
 
 
+# Characters pasted from documents that look like fedlang's.
+_LOOKALIKES = {
+    "\u2212": "this is a Unicode minus sign; write -",
+    "\u2013": "this is a dash; write -",
+    "\u00d7": "this is a multiplication sign; write *",
+    "\u201c": 'this is a curly quote; write "',
+    "\u201d": 'this is a curly quote; write "',
+    "\u2018": "this is a curly quote; strings use \"",
+    "\u2019": "this is a curly quote; strings use \"",
+    "\u2192": "this is an arrow character; write ->",
+    "\u00a0": "this is a non-breaking space; write a plain space",
+    "'": 'strings use double quotes: "..."',
+}
+
+
 def _point(file: str, line: int, column: int, width: int = 1) -> Span:
     return Span(file, line, column, line, column + max(width, 1))
 
@@ -210,9 +225,12 @@ def _point(file: str, line: int, column: int, width: int = 1) -> Span:
 def _syntax_diagnostic(error: UnexpectedInput, text: str, file: str) -> Diagnostic:
     if isinstance(error, UnexpectedCharacters):
         char = text[error.pos_in_stream] if 0 <= error.pos_in_stream < len(text) else "?"
-        return Diagnostic("E002", f"unexpected character {char!r}", _point(file, error.line, error.column),
-                          label="not part of fedlang",
-                          help=_expected_help(error.allowed or set()))
+        where = _point(file, error.line, error.column)
+        if char == '"':
+            return Diagnostic("E002", "this string is not closed", where, label="opens here",
+                              help='close it with " on the same line')
+        return Diagnostic("E002", f"unexpected character {char!r}", where, label="not part of fedlang",
+                          help=_LOOKALIKES.get(char))
     if isinstance(error, UnexpectedToken):
         token = error.token
         if token.type == "$END":
