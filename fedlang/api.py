@@ -86,7 +86,9 @@ def _check(program: LoadedProgram) -> CheckResult:
                 interfaces[alias] = checked[target].interface
         result = check_module(loaded.module, loaded.file, loaded.name, interfaces)
         checked[key] = result
-        diagnostics.extend(sorted(result.diagnostics, key=_position))
+        diagnostics.extend(result.diagnostics)
+    files = {path: i for i, path in enumerate(program.sources.texts)}      # in the order they were read
+    diagnostics.sort(key=lambda d: (files.get(d.path, -1), _position(d)))  # grouped by file, stable
     return CheckResult(program, checked, diagnostics)
 
 
