@@ -285,7 +285,7 @@ class _ExprBuilder:
             from fedlang.ir.autodiff import build_grad
 
             fn = self.expr(e.args[0].value, scope)
-            return build_grad(self, fn, p.name, self.aval(e), e.span)
+            return build_grad(self, fn, p.name, self.aval(e), e.span, scope=scope)
         fixed = [q for q in p.params if not (p.variadic and q is p.params[-1])]
         given: dict[str, ast.Arg] = {}
         rest: list[ast.Arg] = []

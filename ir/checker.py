@@ -117,7 +117,14 @@ class _Checker:
 
     # ---- driver ----------------------------------------------------------------------
     def run(self) -> CheckedModule:
-        self._collect()
+        try:
+            self._collect()
+        except RecursionError:
+            self.diagnostics.append(Diagnostic("E003", "a declaration nests too deeply for fedlang to check", None,
+                                               help="name the inner parts of deep types with `type` declarations",
+                                               file=self.file))
+            return CheckedModule(self.file, self.module, ModuleInterface(self.name, {}), self.avals, [],
+                                 self.diagnostics)
         declarations: list[tuple[str, str, Type | None]] = []
         for decl in self.module.decls:
             try:
@@ -235,6 +242,14 @@ class _Checker:
 
     def resolve_type(self, e: ast.TypeExpr) -> Type | object:
         """A type annotation -> a Type (UNKNOWN after reporting an error)."""
+        try:
+            return self._resolve_type(e)
+        except RecursionError:
+            self.error("E003", "this type nests too deeply for fedlang to check", e.span, "too deep",
+                       help="name the inner parts with `type` declarations")
+            return UNKNOWN
+
+    def _resolve_type(self, e: ast.TypeExpr) -> Type | object:
         if isinstance(e, ast.TensorTypeExpr):
             return TensorType(e.dtype, e.shape)
         if isinstance(e, ast.StructTypeExpr):

@@ -56,6 +56,7 @@ class Primitive:
     operator: str | None = None  # the source operator it implements ("+", "not", ...)
     typed_impl: bool = False     # impl takes the node's type as `out_type=`
     callable: bool = True        # a program may call it by name (structural nodes may not)
+    vjp: Callable[..., tuple] | None = None   # derivative rule (reverse mode, in IR ops); see below
 
 
 # ---- helpers used by the rules ------------------------------------------------------
@@ -250,7 +251,9 @@ def _at(aval: AVal, placement: Placement, arg: str, prim: str, position: int, co
     help_line = {
         (Placement.CLIENTS, "unplaced"): "place it first: federated_value(v, CLIENTS)",
         (Placement.SERVER, "unplaced"): "place it first: federated_value(v, SERVER)",
-        (Placement.CLIENTS, "at SERVER"): "send it to the clients first: federated_broadcast(v)",
+        (Placement.CLIENTS, "at SERVER"): ("it is already one value at the server; aggregations take client values"
+                                           if prim.startswith("federated_") and prim not in ("federated_map", "federated_zip")
+                                           else "send it to the clients first: federated_broadcast(v)"),
         (Placement.SERVER, "at CLIENTS"): "aggregate it first: federated_sum, federated_mean, ...",
     }.get((placement, where))
     raise TypeRuleError(f"the {ORDINALS[position]} argument of {prim} must be at {placement}; "
@@ -694,6 +697,9 @@ def _federated_mean(x: AVal, weight: AVal | None) -> AVal:
 
 def _federated_aggregate(x: AVal, zero: AVal, accumulate: AVal, merge: AVal, report: AVal) -> AVal:
     ft = _at(x, Placement.CLIENTS, "x", "federated_aggregate", 0)
+    accumulate_params = function_parameters(accumulate) if isinstance(accumulate.type, FunctionType) else None
+    if zero.weak and accumulate_params and accepts(accumulate_params[0], zero):
+        zero = AVal(accumulate_params[0])     # a literal zero takes the accumulator's type
     zero = strong(zero)
     if _has_federated(zero.type) or isinstance(zero.type, FunctionType):
         raise TypeRuleError(f"the zero of federated_aggregate is an unplaced value; this one is {zero.type}",
@@ -1069,6 +1075,450 @@ def _no_type(*args, **kwargs) -> AVal:
     raise TypeRuleError("this node is built by the compiler, not called by a program", None)
 
 
+# ---- internal primitives of reverse-mode autodiff (fedlang.ir.autodiff) ----------------
+#
+# Built only by the compiler (`callable=False`): a program cannot name them. Each
+# has a type rule, a NumPy implementation and a derivative rule like any other
+# entry, so a gradient is ordinary IR (and a gradient of a gradient works).
+# `like` arguments give a runtime shape: a dimension may be unknown (`?`) in the type.
+
+def _like_shape(x: AVal, like: AVal, what: str) -> AVal:
+    t, lt = _tensor(strong(x), "x"), _tensor(strong(like), "like")
+    return AVal(TensorType(t.dtype, lt.shape))
+
+
+def _broadcast_to(x: AVal, like: AVal) -> AVal:
+    return _like_shape(x, like, "broadcast_to")
+
+
+def _unbroadcast(x: AVal, like: AVal) -> AVal:
+    return _like_shape(x, like, "unbroadcast")
+
+
+def _reshape_like(x: AVal, like: AVal) -> AVal:
+    return _like_shape(x, like, "reshape_like")
+
+
+def _expand_dims(x: AVal, axis: int) -> AVal:
+    t = _tensor(strong(x), "x")
+    a = _axis(t.rank + 1, axis)
+    return AVal(TensorType(t.dtype, t.shape[:a] + (1,) + t.shape[a:]))
+
+
+def _matrix_transpose(x: AVal) -> AVal:
+    t = _tensor(strong(x), "x")
+    if t.rank < 2:
+        raise TypeRuleError("matrix_transpose needs a tensor of rank 2 or more", "x", code="E056")
+    return AVal(TensorType(t.dtype, t.shape[:-2] + (t.shape[-1], t.shape[-2])))
+
+
+def _one_hot_like(i: AVal, like: AVal) -> AVal:
+    _require_dtype(_tensor(strong(i), "i"), INTEGER_DTYPES, "i", "one_hot_like")
+    return AVal(_tensor(strong(like), "like"))
+
+
+def _scatter_row(x: AVal, like: AVal, i: AVal) -> AVal:
+    t = _tensor(strong(x), "x")
+    return AVal(TensorType(t.dtype, _tensor(strong(like), "like").shape))
+
+
+def _zip_seq(*seqs: AVal) -> AVal:
+    return AVal(SequenceType(StructType(tuple((None, _sequence(s, f"seqs[{i}]", "zip_seq").element)
+                                              for i, s in enumerate(seqs)))))
+
+
+def _scan(seq: AVal, init: AVal, f: AVal, reverse: int) -> AVal:
+    _sequence(seq, "seq", "scan")
+    result = _function(f, "f").result
+    if not (isinstance(result, StructType) and len(result.fields) == 2):
+        raise TypeRuleError(f"the function of scan returns <carry, y>; this one returns {result}", "f")
+    return AVal(StructType(((None, result.types[0]), (None, SequenceType(result.types[1])))))
+
+
+def _np_broadcast_to(x, like):
+    return np.array(np.broadcast_to(x, np.shape(like)))
+
+
+def _np_unbroadcast(x, like):
+    """Sum `x` down to the shape of `like` (undo NumPy broadcasting)."""
+    x, shape = _a(x), np.shape(like)
+    extra = x.ndim - len(shape)
+    if extra > 0:
+        x = np.sum(x, axis=tuple(range(extra)), dtype=x.dtype)
+    axes = tuple(i for i, d in enumerate(shape) if d == 1 and x.shape[i] != 1)
+    if axes:
+        x = np.sum(x, axis=axes, keepdims=True, dtype=x.dtype)
+    return _a(np.broadcast_to(x, shape)).copy()
+
+
+def _np_reshape_like(x, like):
+    return np.reshape(x, np.shape(like))
+
+
+def _np_expand_dims(x, axis):
+    return np.expand_dims(x, axis)
+
+
+def _np_matrix_transpose(x):
+    return np.swapaxes(x, -1, -2).copy()
+
+
+def _np_one_hot_like(i, like):
+    return (_a(i)[..., None] == np.arange(np.shape(like)[-1])).astype(_a(like).dtype)
+
+
+def _np_scatter_row(x, like, i):
+    out = np.zeros(np.shape(like), _a(x).dtype)
+    out[int(i)] = x
+    return out
+
+
+def _np_zip_seq(*seqs):
+    return [Struct(row) for row in zip(*seqs)]
+
+
+def _np_scan(seq, init, f, reverse=0):
+    """JAX's lax.scan: f(carry, x) -> <carry, y>; returns <final carry, ys> (ys in the
+    order of `seq`, also when the loop runs from the last element to the first)."""
+    carry, ys = init, [None] * len(seq)
+    for i in (reversed(range(len(seq))) if reverse else range(len(seq))):
+        out = f(carry, seq[i])
+        carry, ys[i] = out[0], out[1]
+    return Struct((carry, ys))
+
+
+# ---- derivative rules (reverse mode, in IR ops) -------------------------------------------
+#
+# `vjp(emit, out, node, ct, wants) -> tuple` with one entry per input of `node`:
+# the cotangent of that input, or None (zero; also for inputs with wants[i]
+# False, which need none: integers, literals, values not depending on the
+# differentiated parameter). `out` is the node's id (its value, for rules that
+# use the result), `ct` the cotangent of the result: a node id, or for struct and
+# function values a tuple with one entry (cotangent or None) per field or per
+# captured value. `emit` is fedlang.ir.autodiff.Emitter: `emit(prim, *inputs,
+# **statics)` adds a node (type from the type rule; an input is a node id, or a
+# Python float: a weak literal) to the gradient function being built and
+# returns its id.
+# Rules see tensors only: autodiff splits leaf-wise struct arithmetic into one
+# node per leaf first (so a scalar applied to every leaf gets the sum of its
+# cotangents) and inlines calls of functions known at compile time.
+
+def _when(wanted: bool, thunk):
+    return thunk() if wanted else None
+
+
+def _vjp_add(emit, out, node, ct, wants):
+    x, y = node.inputs
+    return (_when(wants[0], lambda: emit.unbroadcast(ct, x)), _when(wants[1], lambda: emit.unbroadcast(ct, y)))
+
+
+def _vjp_sub(emit, out, node, ct, wants):
+    x, y = node.inputs
+    return (_when(wants[0], lambda: emit.unbroadcast(ct, x)),
+            _when(wants[1], lambda: emit.unbroadcast(emit("neg", ct), y)))
+
+
+def _vjp_mul(emit, out, node, ct, wants):
+    x, y = node.inputs
+    return (_when(wants[0], lambda: emit.unbroadcast(emit("mul", ct, y), x)),
+            _when(wants[1], lambda: emit.unbroadcast(emit("mul", ct, x), y)))
+
+
+def _vjp_div(emit, out, node, ct, wants):
+    x, y = node.inputs
+    return (_when(wants[0], lambda: emit.unbroadcast(emit("div", ct, y), x)),
+            _when(wants[1], lambda: emit.unbroadcast(emit("neg", emit("div", emit("mul", ct, out), y)), y)))
+
+
+def _vjp_mod(emit, out, node, ct, wants):
+    # x % y = x - floor(x / y) * y, and floor(x / y) = (x - x % y) / y
+    x, y = node.inputs
+    return (_when(wants[0], lambda: emit.unbroadcast(ct, x)),
+            _when(wants[1], lambda: emit.unbroadcast(
+                emit("neg", emit("mul", ct, emit("div", emit("sub", x, out), y))), y)))
+
+
+def _vjp_pow(emit, out, node, ct, wants):
+    x, y = node.inputs
+
+    def dx():
+        return emit.unbroadcast(emit("mul", ct, emit("mul", y, emit("pow", x, emit("sub", y, 1.0)))), x)
+
+    def dy():           # x ** y * log(x), taken as 0 where x == 0 (JAX's convention)
+        literal = emit.literal(x)
+        if literal is not None:
+            log_x = float(np.log(literal)) if literal > 0 else 0.0
+        else:
+            log_x = emit("log", emit("where", emit("eq", x, 0.0), 1.0, x))
+        return emit.unbroadcast(emit("mul", ct, emit("mul", out, log_x)), y)
+
+    return _when(wants[0], dx), _when(wants[1], dy)
+
+
+def _vjp_neg(emit, out, node, ct, wants):
+    return (emit("neg", ct),)
+
+
+def _vjp_matmul(emit, out, node, ct, wants):
+    a, b = node.inputs
+    ra, rb, ro = emit.rank(a), emit.rank(b), emit.rank(out)
+
+    def t(v):
+        return emit("matrix_transpose", v)
+
+    if ra == 1 and rb == 1:                      # <k>.<k> -> scalar
+        return (_when(wants[0], lambda: emit("mul", ct, b)), _when(wants[1], lambda: emit("mul", ct, a)))
+    if ra == 1:                                  # [k] @ [..,k,n] -> [..,n]: a is a row [1,k]
+        row_ct = lambda: emit("expand_dims", ct, axis=ro - 1)                      # noqa: E731
+        return (_when(wants[0], lambda: emit.unbroadcast(emit("matmul", row_ct(), t(b)), a)),
+                _when(wants[1], lambda: emit.unbroadcast(
+                    emit("matmul", emit("expand_dims", a, axis=1), row_ct()), b)))
+    if rb == 1:                                  # [..,m,k] @ [k] -> [..,m]: b is a column [k,1]
+        col_ct = lambda: emit("expand_dims", ct, axis=ro)                          # noqa: E731
+        return (_when(wants[0], lambda: emit.unbroadcast(
+                    emit("matmul", col_ct(), emit("expand_dims", b, axis=0)), a)),
+                _when(wants[1], lambda: emit.unbroadcast(
+                    emit("sum", emit("matmul", t(a), col_ct()), axis=-1), b)))
+    return (_when(wants[0], lambda: emit.unbroadcast(emit("matmul", ct, t(b)), a)),
+            _when(wants[1], lambda: emit.unbroadcast(emit("matmul", t(a), ct), b)))
+
+
+def _vjp_relu(emit, out, node, ct, wants):
+    return (emit("where", emit("gt", node.inputs[0], 0.0), ct, 0.0),)
+
+
+def _vjp_sigmoid(emit, out, node, ct, wants):
+    return (emit("mul", ct, emit("mul", out, emit("sub", 1.0, out))),)
+
+
+def _vjp_tanh(emit, out, node, ct, wants):
+    return (emit("mul", ct, emit("sub", 1.0, emit("mul", out, out))),)
+
+
+def _vjp_exp(emit, out, node, ct, wants):
+    return (emit("mul", ct, out),)
+
+
+def _vjp_log(emit, out, node, ct, wants):
+    return (emit("div", ct, node.inputs[0]),)
+
+
+def _vjp_sqrt(emit, out, node, ct, wants):
+    return (emit("div", ct, emit("mul", 2.0, out)),)
+
+
+def _vjp_abs(emit, out, node, ct, wants):
+    x = node.inputs[0]
+    return (emit("where", emit("gt", x, 0.0), ct, emit("where", emit("lt", x, 0.0), emit("neg", ct), 0.0)),)
+
+
+def _vjp_square(emit, out, node, ct, wants):
+    return (emit("mul", ct, emit("mul", 2.0, node.inputs[0])),)
+
+
+def _vjp_extremum(wins: str):
+    """maximum (wins="gt") and minimum ("lt"): the cotangent goes to the winner; ties share it."""
+    def rule(emit, out, node, ct, wants):
+        x, y = node.inputs
+        tie = lambda: emit("where", emit("eq", x, y), emit("mul", ct, 0.5), 0.0)     # noqa: E731
+        return (_when(wants[0], lambda: emit.unbroadcast(emit("where", emit(wins, x, y), ct, tie()), x)),
+                _when(wants[1], lambda: emit.unbroadcast(emit("where", emit(wins, y, x), ct, tie()), y)))
+    return rule
+
+
+def _vjp_softmax(emit, out, node, ct, wants):
+    a = node.attr("axis") % emit.rank(out)
+    inner = emit("expand_dims", emit("sum", emit("mul", ct, out), axis=a), axis=a)
+    return (emit("mul", out, emit("sub", ct, inner)),)
+
+
+def _vjp_log_softmax(emit, out, node, ct, wants):
+    a = node.attr("axis") % emit.rank(out)
+    return (emit("sub", ct, emit("mul", emit("exp", out), emit("expand_dims", emit("sum", ct, axis=a), axis=a))),)
+
+
+def _vjp_sparse_xent(emit, out, node, ct, wants):
+    labels, logits = node.inputs
+    diff = emit("sub", emit("softmax", logits, axis=-1), emit("one_hot_like", labels, logits))
+    return None, emit("mul", diff, emit("expand_dims", ct, axis=emit.rank(logits) - 1))
+
+
+def _spread(emit, ct, x, axis):
+    """The cotangent of a reduction over `axis` (None: all), broadcast back to x's shape."""
+    if axis is not None:
+        ct = emit("expand_dims", ct, axis=axis % emit.rank(x))
+    return emit("broadcast_to", ct, x)
+
+
+def _vjp_sum(emit, out, node, ct, wants):
+    x = node.inputs[0]
+    return (_spread(emit, ct, x, node.attr("axis")),)
+
+
+def _vjp_mean(emit, out, node, ct, wants):
+    x, axis = node.inputs[0], node.attr("axis")
+    shape = emit.type(x).shape
+    counted = shape if axis is None else (shape[axis % len(shape)],)
+    if all(d is not None for d in counted):
+        n = int(np.prod(counted, dtype=np.int64))
+        scale = 1.0 / n if n else 0.0
+    else:           # unknown dimensions: size(result) / size(x), at run time
+        dtype = emit.type(x).dtype
+        kept = 1.0 if axis is None else emit("cast", emit("size", out), dtype=dtype)
+        scale = emit("div", kept, emit("cast", emit("size", x), dtype=dtype))
+    return (emit("mul", _spread(emit, ct, x, axis), scale),)
+
+
+def _vjp_extreme_reduction(emit, out, node, ct, wants):
+    """max and min: the cotangent goes to the extreme elements, shared equally among ties."""
+    x, axis = node.inputs[0], node.attr("axis")
+    a = None if axis is None else axis % emit.rank(x)
+    peak = out if a is None else emit("expand_dims", out, axis=a)
+    mask = emit("cast", emit("eq", x, peak), dtype=emit.type(x).dtype)
+    share = emit("div", ct, emit("sum", mask, axis=a))
+    return (emit("mul", mask, share if a is None else emit("expand_dims", share, axis=a)),)
+
+
+def _vjp_cast(emit, out, node, ct, wants):
+    return (emit("cast", ct, dtype=emit.type(node.inputs[0]).dtype),)
+
+
+def _vjp_reshape(emit, out, node, ct, wants):
+    return (emit("reshape_like", ct, node.inputs[0]),)
+
+
+def _vjp_zero(emit, out, node, ct, wants):
+    """The result does not change with the (float) inputs: zeros_like, ones_like, ..."""
+    return (None,) * len(node.inputs)
+
+
+def _vjp_where(emit, out, node, ct, wants):
+    c, a, b = node.inputs
+    return (None, _when(wants[1], lambda: emit.unbroadcast(emit("where", c, ct, 0.0), a)),
+            _when(wants[2], lambda: emit.unbroadcast(emit("where", c, 0.0, ct), b)))
+
+
+def _vjp_clip(emit, out, node, ct, wants):
+    # NumPy's clip is minimum(maximum(x, lo), hi): above hi (or lo > hi) the result is hi
+    x, lo, hi = node.inputs
+    above = emit("logical_or", emit("gt", x, hi), emit("gt", lo, hi))
+    below = emit("logical_and", emit("lt", x, lo), emit("logical_not", above))
+    return (_when(wants[0], lambda: emit("where", emit("logical_or", above, below), 0.0, ct)),
+            _when(wants[1], lambda: emit.unbroadcast(emit("where", below, ct, 0.0), lo)),
+            _when(wants[2], lambda: emit.unbroadcast(emit("where", above, ct, 0.0), hi)))
+
+
+def _vjp_global_norm(emit, out, node, ct, wants):
+    x = node.inputs[0]                           # a tensor or a struct: x * (ct / norm), leaf-wise
+    return (emit("mul", x, emit("div", ct, out)),)
+
+
+def _vjp_random_normal(emit, out, node, ct, wants):
+    # random_normal(shape, s, seed) = s * N: d/ds = N = random_normal(shape, 1, seed)
+    stddev, seed = node.inputs
+    noise = emit("random_normal", 1.0, seed, shape=node.attr("shape"))
+    return _when(wants[0], lambda: emit("cast", emit("sum", emit("mul", ct, noise)),
+                                        dtype=emit.type(stddev).dtype)), None
+
+
+def _vjp_random_uniform(emit, out, node, ct, wants):
+    # lo + (hi - lo) * U: d/dlo = 1 - U, d/dhi = U
+    lo, hi, seed = node.inputs
+    u = emit("random_uniform", 0.0, 1.0, seed, shape=node.attr("shape"))
+    return (_when(wants[0], lambda: emit("cast", emit("sum", emit("mul", ct, emit("sub", 1.0, u))),
+                                         dtype=emit.type(lo).dtype)),
+            _when(wants[1], lambda: emit("cast", emit("sum", emit("mul", ct, u)), dtype=emit.type(hi).dtype)),
+            None)
+
+
+def _vjp_random_normal_like(emit, out, node, ct, wants):
+    x, stddev, seed = node.inputs                # the values of x do not matter, only its shape
+    if not wants[1]:
+        return None, None, None
+    dtype = emit.type(stddev).dtype
+    noise = emit.leaves(emit("random_normal_like", x, 1.0, seed))
+    cts = emit.leaves(emit.materialize(ct, out))
+    total = None
+    for c, n in zip(cts, noise):
+        part = emit("cast", emit("sum", emit("mul", c, n)), dtype=dtype)
+        total = part if total is None else emit("add", total, part)
+    return None, total, None
+
+
+def _vjp_index(emit, out, node, ct, wants):
+    x, i = node.inputs
+    return emit("scatter_row", ct, x, i), None
+
+
+def _vjp_struct(emit, out, node, ct, wants):
+    if isinstance(ct, tuple):
+        return tuple(c if w else None for c, w in zip(ct, wants))
+    return tuple(emit.select(ct, k) if w else None for k, w in enumerate(wants))
+
+
+def _vjp_select(emit, out, node, ct, wants):
+    index = node.attr("index")           # (placed values are never differentiated)
+    return (tuple(ct if k == index else None for k in range(len(emit.type(node.inputs[0]).fields))),)
+
+
+def _vjp_closure(emit, out, node, ct, wants):
+    # the cotangent of a function value: one entry per captured value
+    return tuple(c if w else None for c, w in zip(ct, wants))
+
+
+def _vjp_cond(emit, out, node, ct, wants):
+    c, a, b = node.inputs
+    full = emit.materialize(ct, out)
+    t = emit.type(out)
+    return (None, _when(wants[1], lambda: emit.typed("cond", (c, full, emit.zeros(a)), t)),
+            _when(wants[2], lambda: emit.typed("cond", (c, emit.zeros(b), full), t)))
+
+
+def _vjp_call(emit, out, node, ct, wants):
+    return emit.call_vjp(out, node, ct, wants)
+
+
+def _vjp_reduce(emit, out, node, ct, wants):
+    return emit.loop_vjp("reduce", out, node, ct, wants)
+
+
+def _vjp_scan(emit, out, node, ct, wants):
+    return emit.loop_vjp("scan", out, node, ct, wants)
+
+
+def _vjp_map(emit, out, node, ct, wants):
+    return emit.loop_vjp("map", out, node, ct, wants)
+
+
+def _vjp_broadcast_to(emit, out, node, ct, wants):
+    return emit.unbroadcast(ct, node.inputs[0]), None
+
+
+def _vjp_unbroadcast(emit, out, node, ct, wants):
+    return emit("broadcast_to", ct, node.inputs[0]), None
+
+
+def _vjp_reshape_like(emit, out, node, ct, wants):
+    return emit("reshape_like", ct, node.inputs[0]), None
+
+
+def _vjp_expand_dims(emit, out, node, ct, wants):
+    return (emit("sum", ct, axis=node.attr("axis")),)
+
+
+def _vjp_matrix_transpose(emit, out, node, ct, wants):
+    return (emit("matrix_transpose", ct),)
+
+
+def _vjp_scatter_row(emit, out, node, ct, wants):
+    x, like, i = node.inputs
+    return emit.typed("index", (ct, i), emit.type(x)), None, None
+
+
+def _vjp_zip_seq(emit, out, node, ct, wants):
+    return tuple(_when(w, lambda k=k: emit.map_select(ct, k)) for k, w in enumerate(wants))
+
+
 # ---- the table -------------------------------------------------------------------------
 
 def _p(*names_kinds) -> tuple[Param, ...]:
@@ -1086,13 +1536,13 @@ _ANY = frozenset({"bool", "string"}) | NUMERIC_DTYPES
 
 _ENTRIES: list[Primitive] = [
     # operators ---------------------------------------------------------------------------
-    Primitive("add", "<T,T> -> T  (numeric, broadcasting, leaf-wise)", _p("x", "y"), _arith("+", _NUMS), _binary_impl(lambda x, y: x + y), operator="+"),
-    Primitive("sub", "<T,T> -> T", _p("x", "y"), _arith("-", _NUMS), operator="-", impl=_binary_impl(lambda x, y: x - y)),
-    Primitive("mul", "<T,T> -> T", _p("x", "y"), _arith("*", _NUMS), operator="*", impl=_binary_impl(lambda x, y: x * y)),
-    Primitive("div", "<T,T> -> T  (floating)", _p("x", "y"), _div, operator="/", impl=_binary_impl(_np_divide)),
-    Primitive("mod", "<T,T> -> T", _p("x", "y"), _arith("%", _NUMS), operator="%", impl=_binary_impl(lambda x, y: x % y)),
-    Primitive("pow", "<T,T> -> T", _p("x", "y"), _arith("**", _NUMS), operator="**", impl=_binary_impl(lambda x, y: x ** y)),
-    Primitive("neg", "T -> T", _p("x"), _neg, operator="neg", impl=_unary_impl(lambda x: -x)),
+    Primitive("add", "<T,T> -> T  (numeric, broadcasting, leaf-wise)", _p("x", "y"), _arith("+", _NUMS), _binary_impl(lambda x, y: x + y), operator="+", vjp=_vjp_add),
+    Primitive("sub", "<T,T> -> T", _p("x", "y"), _arith("-", _NUMS), operator="-", impl=_binary_impl(lambda x, y: x - y), vjp=_vjp_sub),
+    Primitive("mul", "<T,T> -> T", _p("x", "y"), _arith("*", _NUMS), operator="*", impl=_binary_impl(lambda x, y: x * y), vjp=_vjp_mul),
+    Primitive("div", "<T,T> -> T  (floating)", _p("x", "y"), _div, operator="/", impl=_binary_impl(_np_divide), vjp=_vjp_div),
+    Primitive("mod", "<T,T> -> T", _p("x", "y"), _arith("%", _NUMS), operator="%", impl=_binary_impl(lambda x, y: x % y), vjp=_vjp_mod),
+    Primitive("pow", "<T,T> -> T", _p("x", "y"), _arith("**", _NUMS), operator="**", impl=_binary_impl(lambda x, y: x ** y), vjp=_vjp_pow),
+    Primitive("neg", "T -> T", _p("x"), _neg, operator="neg", impl=_unary_impl(lambda x: -x), vjp=_vjp_neg),
     Primitive("eq", "<T,T> -> bool", _p("x", "y"), _compare("==", _ANY), operator="==", impl=_binary_impl(np.equal)),
     Primitive("ne", "<T,T> -> bool", _p("x", "y"), _compare("!=", _ANY), operator="!=", impl=_binary_impl(np.not_equal)),
     Primitive("lt", "<T,T> -> bool", _p("x", "y"), _compare("<", _NUMS), operator="<", impl=_binary_impl(np.less)),
@@ -1103,42 +1553,42 @@ _ENTRIES: list[Primitive] = [
     Primitive("logical_or", "<bool,bool> -> bool", _p("x", "y"), _arith("or", _BOOL), operator="or", impl=_binary_impl(np.logical_or)),
     Primitive("logical_not", "bool -> bool", _p("x"), _not, operator="not", impl=_unary_impl(np.logical_not)),
     # local builtins ----------------------------------------------------------------------
-    Primitive("matmul", "<T[..,m,k],T[..,k,n]> -> T[..,m,n]", _p("a", "b"), _matmul, impl=lambda a, b: np.matmul(a, b)),
-    Primitive("relu", "T -> T  (leaf-wise)", _p("x"), _unary("relu", _NUMS), impl=_unary_impl(_np_relu)),
-    Primitive("sigmoid", "T -> T  (floating)", _p("x"), _unary("sigmoid", _FLOATS), impl=_unary_impl(_np_sigmoid)),
-    Primitive("tanh", "T -> T  (floating)", _p("x"), _unary("tanh", _FLOATS), impl=_unary_impl(np.tanh)),
-    Primitive("exp", "T -> T  (floating)", _p("x"), _unary("exp", _FLOATS), impl=_unary_impl(np.exp)),
-    Primitive("log", "T -> T  (floating)", _p("x"), _unary("log", _FLOATS), impl=_unary_impl(np.log)),
-    Primitive("sqrt", "T -> T  (floating)", _p("x"), _unary("sqrt", _FLOATS), impl=_unary_impl(np.sqrt)),
-    Primitive("abs", "T -> T", _p("x"), _unary("abs", _NUMS), impl=_unary_impl(np.abs)),
-    Primitive("square", "T -> T", _p("x"), _unary("square", _NUMS), impl=_unary_impl(np.square)),
-    Primitive("maximum", "<T,T> -> T", _p("x", "y"), _binary("maximum", _NUMS), impl=_binary_impl(np.maximum)),
-    Primitive("minimum", "<T,T> -> T", _p("x", "y"), _binary("minimum", _NUMS), impl=_binary_impl(np.minimum)),
+    Primitive("matmul", "<T[..,m,k],T[..,k,n]> -> T[..,m,n]", _p("a", "b"), _matmul, impl=lambda a, b: np.matmul(a, b), vjp=_vjp_matmul),
+    Primitive("relu", "T -> T  (leaf-wise)", _p("x"), _unary("relu", _NUMS), impl=_unary_impl(_np_relu), vjp=_vjp_relu),
+    Primitive("sigmoid", "T -> T  (floating)", _p("x"), _unary("sigmoid", _FLOATS), impl=_unary_impl(_np_sigmoid), vjp=_vjp_sigmoid),
+    Primitive("tanh", "T -> T  (floating)", _p("x"), _unary("tanh", _FLOATS), impl=_unary_impl(np.tanh), vjp=_vjp_tanh),
+    Primitive("exp", "T -> T  (floating)", _p("x"), _unary("exp", _FLOATS), impl=_unary_impl(np.exp), vjp=_vjp_exp),
+    Primitive("log", "T -> T  (floating)", _p("x"), _unary("log", _FLOATS), impl=_unary_impl(np.log), vjp=_vjp_log),
+    Primitive("sqrt", "T -> T  (floating)", _p("x"), _unary("sqrt", _FLOATS), impl=_unary_impl(np.sqrt), vjp=_vjp_sqrt),
+    Primitive("abs", "T -> T", _p("x"), _unary("abs", _NUMS), impl=_unary_impl(np.abs), vjp=_vjp_abs),
+    Primitive("square", "T -> T", _p("x"), _unary("square", _NUMS), impl=_unary_impl(np.square), vjp=_vjp_square),
+    Primitive("maximum", "<T,T> -> T", _p("x", "y"), _binary("maximum", _NUMS), impl=_binary_impl(np.maximum), vjp=_vjp_extremum("gt")),
+    Primitive("minimum", "<T,T> -> T", _p("x", "y"), _binary("minimum", _NUMS), impl=_binary_impl(np.minimum), vjp=_vjp_extremum("lt")),
     Primitive("softmax", "<float[..,n], axis=-1> -> float[..,n]", _p("x", Param("axis", "int", -1)),
-              _softmax("softmax"), impl=_np_softmax),
+              _softmax("softmax"), impl=_np_softmax, vjp=_vjp_softmax),
     Primitive("log_softmax", "<float[..,n], axis=-1> -> float[..,n]", _p("x", Param("axis", "int", -1)),
-              _softmax("log_softmax"), impl=_np_log_softmax),
+              _softmax("log_softmax"), impl=_np_log_softmax, vjp=_vjp_log_softmax),
     Primitive("sparse_softmax_cross_entropy", "<int[S],float[S,n]> -> float[S]", _p("labels", "logits"),
-              _sparse_xent, impl=_np_sparse_xent),
-    Primitive("sum", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("sum", _NUMS), impl=_reduction_impl(np.sum)),
+              _sparse_xent, impl=_np_sparse_xent, vjp=_vjp_sparse_xent),
+    Primitive("sum", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("sum", _NUMS), impl=_reduction_impl(np.sum), vjp=_vjp_sum),
     Primitive("mean", "<float[..], axis?> -> float[..]", _p("x", Param("axis", "int", None)),
-              _reduction("mean", _FLOATS), impl=_np_mean),
-    Primitive("max", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("max", _NUMS), impl=_reduction_impl(np.max)),
-    Primitive("min", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("min", _NUMS), impl=_reduction_impl(np.min)),
+              _reduction("mean", _FLOATS), impl=_np_mean, vjp=_vjp_mean),
+    Primitive("max", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("max", _NUMS), impl=_reduction_impl(np.max), vjp=_vjp_extreme_reduction),
+    Primitive("min", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("min", _NUMS), impl=_reduction_impl(np.min), vjp=_vjp_extreme_reduction),
     Primitive("argmax", "<T[..], axis> -> int32[..]", _p("x", Param("axis", "int")), _argmax, impl=_np_argmax),
     Primitive("one_hot", "<int[S], depth> -> float32[S,depth]", _p("i", Param("depth", "int")), _one_hot, impl=_np_one_hot),
-    Primitive("cast", "<T, dtype> -> dtype (leaf-wise)", _p("x", Param("dtype", "dtype")), _cast, impl=_np_cast),
-    Primitive("reshape", "<T[..], [dims]> -> T[dims]", _p("x", Param("shape", "shape")), _reshape, impl=_np_reshape),
-    Primitive("zeros_like", "T -> T", _p("x"), _like, impl=_np_zeros_like),
-    Primitive("ones_like", "T -> T", _p("x"), _like, impl=_np_ones_like),
-    Primitive("where", "<bool[..],T[..],T[..]> -> T[..]", _p("c", "a", "b"), _where, impl=_np_where),
-    Primitive("clip", "<T,lo,hi> -> T", _p("x", "lo", "hi"), _clip, impl=_np_clip),
-    Primitive("global_norm", "<float tensors> -> float", _p("x"), _global_norm, impl=_np_global_norm),
+    Primitive("cast", "<T, dtype> -> dtype (leaf-wise)", _p("x", Param("dtype", "dtype")), _cast, impl=_np_cast, vjp=_vjp_cast),
+    Primitive("reshape", "<T[..], [dims]> -> T[dims]", _p("x", Param("shape", "shape")), _reshape, impl=_np_reshape, vjp=_vjp_reshape),
+    Primitive("zeros_like", "T -> T", _p("x"), _like, impl=_np_zeros_like, vjp=_vjp_zero),
+    Primitive("ones_like", "T -> T", _p("x"), _like, impl=_np_ones_like, vjp=_vjp_zero),
+    Primitive("where", "<bool[..],T[..],T[..]> -> T[..]", _p("c", "a", "b"), _where, impl=_np_where, vjp=_vjp_where),
+    Primitive("clip", "<T,lo,hi> -> T", _p("x", "lo", "hi"), _clip, impl=_np_clip, vjp=_vjp_clip),
+    Primitive("global_norm", "<float tensors> -> float", _p("x"), _global_norm, impl=_np_global_norm, vjp=_vjp_global_norm),
     Primitive("size", "T[..] -> int32", _p("x"), _size, impl=_np_size),
     Primitive("grad", "(<P,..> -> float) -> (<P,..> -> P)", _p("f"), _grad, impl=None),
     Primitive("value_and_grad", "(<P,..> -> float) -> (<P,..> -> <float,P>)", _p("f"), _value_and_grad, impl=None),
-    Primitive("reduce", "<T*,U,(<U,T> -> U)> -> U", _p("seq", "init", "f"), _reduce, impl=_np_reduce),
-    Primitive("map", "<T*,(T -> U)> -> U*", _p("seq", "f"), _map, impl=_np_map),
+    Primitive("reduce", "<T*,U,(<U,T> -> U)> -> U", _p("seq", "init", "f"), _reduce, impl=_np_reduce, vjp=_vjp_reduce),
+    Primitive("map", "<T*,(T -> U)> -> U*", _p("seq", "f"), _map, impl=_np_map, vjp=_vjp_map),
     Primitive("count", "T* -> int32", _p("seq"), _count, impl=_np_count),
     Primitive("num_examples", "T[n,..]* -> int32", _p("seq"), _num_examples, impl=_np_num_examples),
     Primitive("zeros", "<[dims], dtype=float32> -> dtype[dims]",
@@ -1146,10 +1596,10 @@ _ENTRIES: list[Primitive] = [
     Primitive("ones", "<[dims], dtype=float32> -> dtype[dims]",
               _p(Param("shape", "shape"), Param("dtype", "dtype", "float32")), _filled, impl=_np_filled(1)),
     Primitive("random_normal", "<[dims],float,int> -> float32[dims]",
-              _p(Param("shape", "shape"), "stddev", "seed"), _random_normal, impl=_np_random_normal),
+              _p(Param("shape", "shape"), "stddev", "seed"), _random_normal, impl=_np_random_normal, vjp=_vjp_random_normal),
     Primitive("random_uniform", "<[dims],float,float,int> -> float32[dims]",
-              _p(Param("shape", "shape"), "lo", "hi", "seed"), _random_uniform, impl=_np_random_uniform),
-    Primitive("random_normal_like", "<T,float,int> -> T", _p("x", "stddev", "seed"), _random_normal_like, impl=_np_random_normal_like),
+              _p(Param("shape", "shape"), "lo", "hi", "seed"), _random_uniform, impl=_np_random_uniform, vjp=_vjp_random_uniform),
+    Primitive("random_normal_like", "<T,float,int> -> T", _p("x", "stddev", "seed"), _random_normal_like, impl=_np_random_normal_like, vjp=_vjp_random_normal_like),
     # federated intrinsics ---------------------------------------------------------------
     Primitive("federated_value", "<T,P> -> T@P", _p("v", Param("placement", "placement")), _federated_value,
               federated=True, impl=_np_federated_value),
@@ -1182,18 +1632,42 @@ _STRUCTURAL = [
     Primitive("capture", "captured value `index` of a closure", (Param("index", "int"),), _no_type, callable=False),
     Primitive("global", "the top-level computation `name`", (Param("name", "name"),), _no_type, callable=False),
     Primitive("closure", "<captures..> -> a function value of `function`", (Param("function", "function"),),
-              _no_type, callable=False),
+              _no_type, callable=False, vjp=_vjp_closure),
     Primitive("const", "a constant `value` (a Python number when weak)", (Param("value", "value"),), _no_type,
               impl=_np_const, callable=False),
     Primitive("struct", "<T1..Tn> -> <names=T1..Tn>", (Param("names", "names"),), _no_type, impl=_np_struct,
-              callable=False),
+              callable=False, vjp=_vjp_struct),
     Primitive("select", "<..,T_index,..> -> T_index  (placement kept)", (Param("index", "int"),), _no_type,
-              impl=_np_select, typed_impl=True, callable=False),
-    Primitive("index", "<T[n,..],int> -> T[..]", _p("x", "i"), _no_type, impl=_np_index, callable=False),
-    Primitive("call", "<(T -> U),T> -> U", _p("f", "args"), _no_type, impl=_np_call, variadic=True, callable=False),
-    Primitive("cond", "<bool,T,T> -> T", _p("c", "a", "b"), _no_type, impl=_np_cond, callable=False),
+              impl=_np_select, typed_impl=True, callable=False, vjp=_vjp_select),
+    Primitive("index", "<T[n,..],int> -> T[..]", _p("x", "i"), _no_type, impl=_np_index, callable=False, vjp=_vjp_index),
+    Primitive("call", "<(T -> U),T> -> U", _p("f", "args"), _no_type, impl=_np_call, variadic=True, callable=False, vjp=_vjp_call),
+    Primitive("cond", "<bool,T,T> -> T", _p("c", "a", "b"), _no_type, impl=_np_cond, callable=False, vjp=_vjp_cond),
 ]
 _ENTRIES += _STRUCTURAL
+
+# Internal nodes of reverse-mode autodiff (fedlang.ir.autodiff; a program cannot name them).
+_AUTODIFF = [
+    Primitive("broadcast_to", "<T[..],like[dims]> -> T[dims]", _p("x", "like"), _broadcast_to,
+              impl=_np_broadcast_to, callable=False, vjp=_vjp_broadcast_to),
+    Primitive("unbroadcast", "<T[..],like[dims]> -> T[dims]  (sums broadcast dimensions away)", _p("x", "like"),
+              _unbroadcast, impl=_np_unbroadcast, callable=False, vjp=_vjp_unbroadcast),
+    Primitive("reshape_like", "<T[..],like[dims]> -> T[dims]", _p("x", "like"), _reshape_like,
+              impl=_np_reshape_like, callable=False, vjp=_vjp_reshape_like),
+    Primitive("expand_dims", "<T[..], axis> -> T[..,1,..]", _p("x", Param("axis", "int")), _expand_dims,
+              impl=_np_expand_dims, callable=False, vjp=_vjp_expand_dims),
+    Primitive("matrix_transpose", "T[..,m,n] -> T[..,n,m]", _p("x"), _matrix_transpose,
+              impl=_np_matrix_transpose, callable=False, vjp=_vjp_matrix_transpose),
+    Primitive("one_hot_like", "<int[S],like[S,n]> -> like  (one_hot in like's dtype)", _p("i", "like"),
+              _one_hot_like, impl=_np_one_hot_like, callable=False, vjp=_vjp_zero),
+    Primitive("scatter_row", "<T[..],like[n,..],int> -> T[n,..]  (zeros, row i = x)", _p("x", "like", "i"),
+              _scatter_row, impl=_np_scatter_row, callable=False, vjp=_vjp_scatter_row),
+    Primitive("zip_seq", "<T1*..Tn*> -> <T1..Tn>*", _p("seqs"), _zip_seq, impl=_np_zip_seq, variadic=True,
+              callable=False, vjp=_vjp_zip_seq),
+    Primitive("scan", "<T*,U,(<U,T> -> <U,Y>),reverse> -> <U,Y*>",
+              _p("seq", "init", "f", Param("reverse", "int", 0)), _scan, impl=_np_scan, callable=False,
+              vjp=_vjp_scan),
+]
+_ENTRIES += _AUTODIFF
 
 PRIMITIVES: dict[str, Primitive] = {p.name: p for p in _ENTRIES}
 OPERATORS: dict[str, Primitive] = {p.operator: p for p in _ENTRIES if p.operator}

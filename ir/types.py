@@ -244,3 +244,5 @@ def parse(text: str) -> Type:
         return convert(expr)
     except TypeConstructionError as error:
         raise FedlangError([Diagnostic("E051", str(error), expr.span)], sources) from None
+    except RecursionError:
+        raise FedlangError([Diagnostic("E003", "this type nests too deeply", expr.span)], sources) from None
