@@ -131,7 +131,10 @@ def compile_ir(result: CheckResult, optimize: bool = True):
     for key, loaded in result.program.modules.items():
         imports = {alias: prefixes[target] for alias, target in loaded.imports.items()}
         items.append((result.checked[key], imports, prefixes[key]))
-    program = build_program(items)
+    try:
+        program = build_program(items)
+    except FedlangError as error:              # a diagnostic found while building IR: show the source
+        raise FedlangError(error.diagnostics, result.sources) from None
     if optimize:
         from fedlang.ir.passes import optimize as run_passes
 

@@ -89,6 +89,19 @@ def function_parameters(fn: AVal) -> tuple[Type, ...] | None:
     return (t.parameter,)
 
 
+def parameters_for(fn: AVal, n: int) -> tuple[Type, ...] | None:
+    """The parameters a call with `n` arguments fills: the declared ones, or the
+    fields of a single struct parameter (TFF's auto-unpacking), or None."""
+    params = function_parameters(fn)
+    if params is None:
+        return None
+    if len(params) == n:
+        return params
+    if len(params) == 1 and n > 1 and isinstance(params[0], StructType) and len(params[0].fields) == n:
+        return params[0].types
+    return None
+
+
 def describe(t: Type | _Unknown) -> str:
     """A short phrase for messages: 'float32@SERVER', 'a function (x -> y)'."""
     if isinstance(t, FunctionType):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fedlang.diagnostics import InternalCompilerError
-from fedlang.ir.avals import AVal, function_parameters
+from fedlang.ir.avals import AVal, function_parameters, parameters_for
 from fedlang.ir.checker import CheckedModule
 from fedlang.ir.graph import Function, Node, Program, prim
 from fedlang.ir.primitives import CALLABLE, OPERATORS, Primitive
@@ -81,8 +81,8 @@ class _ModuleBuilder:
         scope = _Scope(None, function)
         for i, p in enumerate(decl.params):
             scope.names[p.name] = function.add(Node(prim("param"), (), params[i], (("index", i),), p.span))
-        body = _ExprBuilder(self, function).body(decl.body, scope)
-        function.result = _ExprBuilder(self, function).coerce(body, ft.result)
+        builder = _ExprBuilder(self, function)
+        function.result = builder.coerce(builder.body(decl.body, scope), ft.result)
         return function
 
 
@@ -133,6 +133,7 @@ class _Scope:
 class _ExprBuilder:
     def __init__(self, module: _ModuleBuilder, function: Function):
         self.module, self.f = module, function
+        self.literals: dict[int, list[int]] = {}     # struct literal node -> its field nodes before typing
 
     def aval(self, e: ast.Expr) -> AVal:
         return self.module.checked.avals[id(e)]
@@ -206,8 +207,11 @@ class _ExprBuilder:
 
     def _StructLit(self, e: ast.StructLit, scope: _Scope) -> int:
         t: StructType = self.aval(e).type
-        inputs = [self.coerce(self.expr(v, scope), ft) for (_, v), ft in zip(e.fields, t.types)]
-        return self.add("struct", inputs, t, e.span, names=t.names)
+        fields = [self.expr(v, scope) for _, v in e.fields]
+        nid = self.add("struct", [self.coerce(f, ft) for f, ft in zip(fields, t.types)], t, e.span, names=t.names)
+        if any(self._weak_value(f) is not None or f in self.literals for f in fields):
+            self.literals[nid] = fields       # a later expected type may re-type its literal fields
+        return nid
 
     def _BinOp(self, e: ast.BinOp, scope: _Scope) -> int:
         return self._apply(OPERATORS[e.op], e, [self.expr(e.left, scope), self.expr(e.right, scope)])
@@ -311,7 +315,7 @@ class _ExprBuilder:
         if p.name == "reduce":
             inputs[1] = self.coerce(inputs[1], self.aval(e).type)
         if p.name == "federated_aggregate":       # a literal zero takes the accumulator's type
-            accumulator = function_parameters(self.aval(given["accumulate"].value))[0]
+            accumulator = parameters_for(self.aval(given["accumulate"].value), 2)[0]
             inputs[1] = self.coerce(inputs[1], accumulator)
         if p.name in _TYPED_SCALAR_ARGS:
             inputs = [self._materialize_default(i) for i in inputs]
@@ -327,7 +331,12 @@ class _ExprBuilder:
         return self.add("const", [], node.type, node.span, value=np.asarray(value, np.dtype(node.type.dtype)))
 
     def coerce(self, nid: int, t: Type) -> int:
-        """Make a weak constant a typed one where a type is expected."""
+        """Make a weak constant a typed one where a type is expected (also the
+        literal fields of a struct literal: `(s = 0.0, n = 0)` as `<s=float64,n=int32>`)."""
+        if nid in self.literals and isinstance(t, StructType) and self.f.node(nid).type != t:
+            node = self.f.node(nid)
+            fields = [self.coerce(f, ft) for f, ft in zip(self.literals[nid], t.types)]
+            return self.add("struct", fields, t, node.span, names=node.attr("names"))
         value = self._weak_value(nid)
         if value is None:
             return nid

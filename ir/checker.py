@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from fedlang.diagnostics import Diagnostic, Span, closest_names
-from fedlang.ir.avals import (UNKNOWN, UNKNOWN_AVAL, AVal, accepts, describe, function_parameters, strong,
-                              weak_scalar)
+from fedlang.ir.avals import (UNKNOWN, UNKNOWN_AVAL, AVal, accepts, describe, function_parameters, parameters_for,
+                              strong, weak_scalar)
 from fedlang.ir.primitives import CALLABLE, OPERATORS, ORDINALS, REQUIRED, Primitive, TypeRuleError
 from fedlang.ir.types import (FederatedType, FunctionType, Placement, SequenceType, StructType, TensorType,
                               Type, TypeConstructionError, is_assignable, is_placed, placements_in)
@@ -32,6 +32,7 @@ class Binding:
     type: Type | None = None      # for type aliases
     module: "ModuleInterface | None" = None
     top_level: str | None = None  # the declaration's name, for top-level fn/comp
+    static_function: bool = False # a let bound to a function known at compile time (grad needs one)
 
 
 @dataclass
@@ -447,7 +448,8 @@ class _Checker:
         for let in body.lets:
             value = self.infer(let.value, inner)
             if not let.destructure:
-                scope.names[let.names[0]] = Binding("var", let.span, aval=value)
+                scope.names[let.names[0]] = Binding("var", let.span, aval=value,
+                                                    static_function=self._is_static_function(let.value, inner))
                 continue
             for name, aval in zip(let.names, self._destructure(let, value)):
                 scope.names[name] = Binding("var", let.span, aval=aval)
@@ -795,7 +797,7 @@ class _Checker:
         ok = True
         for i, ((arg, aval), expected) in enumerate(zip(ordered, params)):
             what = f"the {ORDINALS[i]} argument of {shown}"
-            ok &= self.expect(expected, aval, arg.value.span, what)
+            ok &= self.expect(expected, aval, arg.value.span, what, arg.value)
         return AVal(ft.result) if ok else UNKNOWN_AVAL
 
     def _positional_after_keyword(self, args: list[ast.Arg], shown: str) -> bool:
@@ -831,9 +833,15 @@ class _Checker:
         bound = self._bind(prim, e, ctx)
         if bound is None:
             return UNKNOWN_AVAL
+        if prim.name in ("grad", "value_and_grad") and e.args and not bound[0]["f"].unknown \
+                and not self._is_static_function(e.args[0].value, ctx):
+            self.error("E053", f"{prim.name} needs a function known at compile time", e.args[0].value.span,
+                       "chosen at run time", help="pass a named fn or a lambda, not a parameter or an `if`")
+            return UNKNOWN_AVAL
         values, statics, spans = bound
         if any(v is not None and v.unknown for v in _flat_values(values)):
             return UNKNOWN_AVAL
+        self._type_literal_accumulator(prim, e, values)
         if not prim.federated:
             for key, v in _named_values(values):
                 if is_placed(v.type):
@@ -860,6 +868,43 @@ class _Checker:
             self.error(err.code, err.message, span, err.label or "", err.help)
             return UNKNOWN_AVAL
         return result
+
+    def _type_literal_accumulator(self, prim: Primitive, e: ast.Call, values: dict) -> None:
+        """`reduce(seq, (s = 0.0, n = 0), f)`: the literal takes f's accumulator type."""
+        keys = {"reduce": ("init", "f"), "federated_aggregate": ("zero", "accumulate")}.get(prim.name)
+        if keys is None:
+            return
+        init_key, fn_key = keys
+        params = parameters_for(values[fn_key], 2) if isinstance(values[fn_key].type, FunctionType) else None
+        init_expr = self._arg_expr(prim, e, init_key)
+        if params and init_expr is not None and self._literal_fits(init_expr, params[0]):
+            values[init_key] = AVal(params[0])
+
+    def _arg_expr(self, prim: Primitive, e: ast.Call, name: str) -> ast.Expr | None:
+        positional = [a for a in e.args if a.keyword is None]
+        names = [p.name for p in prim.params]
+        for a in e.args:
+            if a.keyword == name:
+                return a.value
+        index = names.index(name)
+        return positional[index].value if index < len(positional) else None
+
+    def _is_static_function(self, e: ast.Expr, ctx: _Ctx) -> bool:
+        """Whether `e` is a function the compiler knows (grad transforms its body)."""
+        if isinstance(e, ast.Lambda):
+            return True
+        if isinstance(e, ast.Name):
+            b = ctx.scope.lookup(e.id)
+            if b is not None:
+                return b.static_function
+            return e.id in self.top and self.top[e.id].kind in ("fn", "comp")
+        if isinstance(e, ast.Select) and isinstance(e.base, ast.Name) and ctx.scope.lookup(e.base.id) is None:
+            b = self.top.get(e.base.id)
+            return b is not None and b.kind == "module"
+        if isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and e.func.id in ("grad", "value_and_grad") \
+                and ctx.scope.lookup(e.func.id) is None and e.func.id not in self.top:
+            return bool(e.args) and self._is_static_function(e.args[0].value, ctx)
+        return False
 
     def _infer_arg_quietly(self, arg: ast.Arg, ctx: _Ctx) -> None:
         if not isinstance(arg.value, (ast.ListLit, ast.DTypeLit, ast.PlacementLit)):
@@ -962,11 +1007,26 @@ class _Checker:
         raise AssertionError(kind)
 
     # ---- expected types ------------------------------------------------------------------------
+    def _literal_fits(self, expr: ast.Expr, expected: Type) -> bool:
+        """A struct literal whose literal fields take the expected dtypes: `(0.0, 1)` fits
+        `<float64,int64>` as each literal alone would."""
+        aval = self.avals.get(id(expr))
+        if aval is None or aval.unknown:
+            return True
+        if accepts(expected, aval):
+            return True
+        if not (isinstance(expr, ast.StructLit) and isinstance(expected, StructType)
+                and len(expr.fields) == len(expected.fields)):
+            return False
+        return all(((en is None and n is None) or (en is not None and n in (en, None)))
+                   and self._literal_fits(fe, ft)
+                   for (n, fe), (en, ft) in zip(expr.fields, expected.fields))
+
     def expect(self, expected: Type, aval: AVal, span: Span, what: str, expr: ast.Expr | None = None) -> bool:
         """Report unless `aval` may be used where `expected` is required.
 
         When the value is a struct literal, point at the field that does not fit."""
-        if accepts(expected, aval):
+        if accepts(expected, aval) or (expr is not None and self._literal_fits(expr, expected)):
             return True
         if isinstance(expr, ast.StructLit) and isinstance(expected, StructType) \
                 and len(expected.fields) == len(expr.fields) and not aval.unknown:

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fedlang.ir.avals import UNKNOWN, UNKNOWN_AVAL, AVal, accepts, describe, function_parameters, strong
+from fedlang.ir.avals import (UNKNOWN, UNKNOWN_AVAL, AVal, accepts, describe, function_parameters, parameters_for,
+                              strong)
 from fedlang.ir.values import Struct, leafwise
 from fedlang.ir.types import (FLOAT_DTYPES, INTEGER_DTYPES, NUMERIC_DTYPES, FederatedType, FunctionType,
                               Placement, SequenceType, StructType, TensorType, Type, is_assignable, leaves)
@@ -527,8 +528,8 @@ def _sequence(aval: AVal, arg: str, prim: str) -> SequenceType:
 def _reduce(seq: AVal, init: AVal, f: AVal) -> AVal:
     st = _sequence(seq, "seq", "reduce")
     ft = _function(f, "f")
-    params = function_parameters(f)
-    if params is None or len(params) != 2:
+    params = parameters_for(f, 2)
+    if params is None:
         raise TypeRuleError(f"the function of reduce takes (accumulator, element); this one is {ft}", "f",
                             code="E041")
     acc, elem = params
