@@ -17,7 +17,7 @@ import contextvars
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
+from fedlang.ir.lazy_numpy import np
 
 from fedlang.ir.avals import (UNKNOWN, UNKNOWN_AVAL, AVal, accepts, describe, function_parameters, parameters_for,
                               strong)
@@ -742,6 +742,14 @@ class FedlangRuntimeError(Exception):
 
 def _a(x: Any) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else np.asarray(x)
+
+
+def _numpy(name: str):
+    """NumPy's function `name`, looked up when called (the table is built before NumPy loads)."""
+    def call(*args, **kwargs):
+        return getattr(np, name)(*args, **kwargs)
+    call.__name__ = name
+    return call
 
 
 def _binary_impl(fn):
@@ -1544,38 +1552,38 @@ _ENTRIES: list[Primitive] = [
     Primitive("mod", "<T,T> -> T", _p("x", "y"), _arith("%", _NUMS), operator="%", impl=_binary_impl(lambda x, y: x % y), vjp=_vjp_mod),
     Primitive("pow", "<T,T> -> T", _p("x", "y"), _arith("**", _NUMS), operator="**", impl=_binary_impl(lambda x, y: x ** y), vjp=_vjp_pow),
     Primitive("neg", "T -> T", _p("x"), _neg, operator="neg", impl=_unary_impl(lambda x: -x), vjp=_vjp_neg),
-    Primitive("eq", "<T,T> -> bool", _p("x", "y"), _compare("==", _ANY), operator="==", impl=_binary_impl(np.equal)),
-    Primitive("ne", "<T,T> -> bool", _p("x", "y"), _compare("!=", _ANY), operator="!=", impl=_binary_impl(np.not_equal)),
-    Primitive("lt", "<T,T> -> bool", _p("x", "y"), _compare("<", _NUMS), operator="<", impl=_binary_impl(np.less)),
-    Primitive("le", "<T,T> -> bool", _p("x", "y"), _compare("<=", _NUMS), operator="<=", impl=_binary_impl(np.less_equal)),
-    Primitive("gt", "<T,T> -> bool", _p("x", "y"), _compare(">", _NUMS), operator=">", impl=_binary_impl(np.greater)),
-    Primitive("ge", "<T,T> -> bool", _p("x", "y"), _compare(">=", _NUMS), operator=">=", impl=_binary_impl(np.greater_equal)),
-    Primitive("logical_and", "<bool,bool> -> bool", _p("x", "y"), _arith("and", _BOOL), operator="and", impl=_binary_impl(np.logical_and)),
-    Primitive("logical_or", "<bool,bool> -> bool", _p("x", "y"), _arith("or", _BOOL), operator="or", impl=_binary_impl(np.logical_or)),
-    Primitive("logical_not", "bool -> bool", _p("x"), _not, operator="not", impl=_unary_impl(np.logical_not)),
+    Primitive("eq", "<T,T> -> bool", _p("x", "y"), _compare("==", _ANY), operator="==", impl=_binary_impl(_numpy("equal"))),
+    Primitive("ne", "<T,T> -> bool", _p("x", "y"), _compare("!=", _ANY), operator="!=", impl=_binary_impl(_numpy("not_equal"))),
+    Primitive("lt", "<T,T> -> bool", _p("x", "y"), _compare("<", _NUMS), operator="<", impl=_binary_impl(_numpy("less"))),
+    Primitive("le", "<T,T> -> bool", _p("x", "y"), _compare("<=", _NUMS), operator="<=", impl=_binary_impl(_numpy("less_equal"))),
+    Primitive("gt", "<T,T> -> bool", _p("x", "y"), _compare(">", _NUMS), operator=">", impl=_binary_impl(_numpy("greater"))),
+    Primitive("ge", "<T,T> -> bool", _p("x", "y"), _compare(">=", _NUMS), operator=">=", impl=_binary_impl(_numpy("greater_equal"))),
+    Primitive("logical_and", "<bool,bool> -> bool", _p("x", "y"), _arith("and", _BOOL), operator="and", impl=_binary_impl(_numpy("logical_and"))),
+    Primitive("logical_or", "<bool,bool> -> bool", _p("x", "y"), _arith("or", _BOOL), operator="or", impl=_binary_impl(_numpy("logical_or"))),
+    Primitive("logical_not", "bool -> bool", _p("x"), _not, operator="not", impl=_unary_impl(_numpy("logical_not"))),
     # local builtins ----------------------------------------------------------------------
     Primitive("matmul", "<T[..,m,k],T[..,k,n]> -> T[..,m,n]", _p("a", "b"), _matmul, impl=lambda a, b: np.matmul(a, b), vjp=_vjp_matmul),
     Primitive("relu", "T -> T  (leaf-wise)", _p("x"), _unary("relu", _NUMS), impl=_unary_impl(_np_relu), vjp=_vjp_relu),
     Primitive("sigmoid", "T -> T  (floating)", _p("x"), _unary("sigmoid", _FLOATS), impl=_unary_impl(_np_sigmoid), vjp=_vjp_sigmoid),
-    Primitive("tanh", "T -> T  (floating)", _p("x"), _unary("tanh", _FLOATS), impl=_unary_impl(np.tanh), vjp=_vjp_tanh),
-    Primitive("exp", "T -> T  (floating)", _p("x"), _unary("exp", _FLOATS), impl=_unary_impl(np.exp), vjp=_vjp_exp),
-    Primitive("log", "T -> T  (floating)", _p("x"), _unary("log", _FLOATS), impl=_unary_impl(np.log), vjp=_vjp_log),
-    Primitive("sqrt", "T -> T  (floating)", _p("x"), _unary("sqrt", _FLOATS), impl=_unary_impl(np.sqrt), vjp=_vjp_sqrt),
-    Primitive("abs", "T -> T", _p("x"), _unary("abs", _NUMS), impl=_unary_impl(np.abs), vjp=_vjp_abs),
-    Primitive("square", "T -> T", _p("x"), _unary("square", _NUMS), impl=_unary_impl(np.square), vjp=_vjp_square),
-    Primitive("maximum", "<T,T> -> T", _p("x", "y"), _binary("maximum", _NUMS), impl=_binary_impl(np.maximum), vjp=_vjp_extremum("gt")),
-    Primitive("minimum", "<T,T> -> T", _p("x", "y"), _binary("minimum", _NUMS), impl=_binary_impl(np.minimum), vjp=_vjp_extremum("lt")),
+    Primitive("tanh", "T -> T  (floating)", _p("x"), _unary("tanh", _FLOATS), impl=_unary_impl(_numpy("tanh")), vjp=_vjp_tanh),
+    Primitive("exp", "T -> T  (floating)", _p("x"), _unary("exp", _FLOATS), impl=_unary_impl(_numpy("exp")), vjp=_vjp_exp),
+    Primitive("log", "T -> T  (floating)", _p("x"), _unary("log", _FLOATS), impl=_unary_impl(_numpy("log")), vjp=_vjp_log),
+    Primitive("sqrt", "T -> T  (floating)", _p("x"), _unary("sqrt", _FLOATS), impl=_unary_impl(_numpy("sqrt")), vjp=_vjp_sqrt),
+    Primitive("abs", "T -> T", _p("x"), _unary("abs", _NUMS), impl=_unary_impl(_numpy("abs")), vjp=_vjp_abs),
+    Primitive("square", "T -> T", _p("x"), _unary("square", _NUMS), impl=_unary_impl(_numpy("square")), vjp=_vjp_square),
+    Primitive("maximum", "<T,T> -> T", _p("x", "y"), _binary("maximum", _NUMS), impl=_binary_impl(_numpy("maximum")), vjp=_vjp_extremum("gt")),
+    Primitive("minimum", "<T,T> -> T", _p("x", "y"), _binary("minimum", _NUMS), impl=_binary_impl(_numpy("minimum")), vjp=_vjp_extremum("lt")),
     Primitive("softmax", "<float[..,n], axis=-1> -> float[..,n]", _p("x", Param("axis", "int", -1)),
               _softmax("softmax"), impl=_np_softmax, vjp=_vjp_softmax),
     Primitive("log_softmax", "<float[..,n], axis=-1> -> float[..,n]", _p("x", Param("axis", "int", -1)),
               _softmax("log_softmax"), impl=_np_log_softmax, vjp=_vjp_log_softmax),
     Primitive("sparse_softmax_cross_entropy", "<int[S],float[S,n]> -> float[S]", _p("labels", "logits"),
               _sparse_xent, impl=_np_sparse_xent, vjp=_vjp_sparse_xent),
-    Primitive("sum", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("sum", _NUMS), impl=_reduction_impl(np.sum), vjp=_vjp_sum),
+    Primitive("sum", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("sum", _NUMS), impl=_reduction_impl(_numpy("sum")), vjp=_vjp_sum),
     Primitive("mean", "<float[..], axis?> -> float[..]", _p("x", Param("axis", "int", None)),
               _reduction("mean", _FLOATS), impl=_np_mean, vjp=_vjp_mean),
-    Primitive("max", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("max", _NUMS), impl=_reduction_impl(np.max), vjp=_vjp_extreme_reduction),
-    Primitive("min", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("min", _NUMS), impl=_reduction_impl(np.min), vjp=_vjp_extreme_reduction),
+    Primitive("max", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("max", _NUMS), impl=_reduction_impl(_numpy("max")), vjp=_vjp_extreme_reduction),
+    Primitive("min", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("min", _NUMS), impl=_reduction_impl(_numpy("min")), vjp=_vjp_extreme_reduction),
     Primitive("argmax", "<T[..], axis> -> int32[..]", _p("x", Param("axis", "int")), _argmax, impl=_np_argmax),
     Primitive("one_hot", "<int[S], depth> -> float32[S,depth]", _p("i", Param("depth", "int")), _one_hot, impl=_np_one_hot),
     Primitive("cast", "<T, dtype> -> dtype (leaf-wise)", _p("x", Param("dtype", "dtype")), _cast, impl=_np_cast, vjp=_vjp_cast),
@@ -1618,9 +1626,9 @@ _ENTRIES: list[Primitive] = [
     Primitive("federated_mean", "<{T}@CLIENTS,weight={float32}@CLIENTS> -> T@SERVER",
               _p("x", Param("weight", "value", None)), _federated_mean, federated=True, typed_impl=True, impl=_np_federated_mean),
     Primitive("federated_min", "{T}@CLIENTS -> T@SERVER", _p("x"), _aggregation("federated_min", _NUMS, "numeric"),
-              federated=True, typed_impl=True, impl=_extreme(np.minimum, _highest)),
+              federated=True, typed_impl=True, impl=_extreme(_numpy("minimum"), _highest)),
     Primitive("federated_max", "{T}@CLIENTS -> T@SERVER", _p("x"), _aggregation("federated_max", _NUMS, "numeric"),
-              federated=True, typed_impl=True, impl=_extreme(np.maximum, _lowest)),
+              federated=True, typed_impl=True, impl=_extreme(_numpy("maximum"), _lowest)),
     Primitive("federated_aggregate", "<{T}@CLIENTS,U,(<U,T> -> U),(<U,U> -> U),(U -> R)> -> R@SERVER",
               _p("x", "zero", "accumulate", "merge", "report"), _federated_aggregate, federated=True, impl=_np_federated_aggregate),
     Primitive("federated_secure_sum", "<{T}@CLIENTS,bitwidth> -> T@SERVER  (integer)",

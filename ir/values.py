@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
+from fedlang.ir.lazy_numpy import np
 
 from fedlang.ir.types import (FederatedType, FunctionType, Placement, SequenceType, StructType, TensorType, Type)
 

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -344,8 +343,7 @@ def test_check_imports_only_the_front_end(repo_root):
     assert not [m for m in report["modules"] if m.startswith("fedlang.backends")], \
         "fedlang check imported a backend"
     heavy = sorted({"numpy", "networkx", "scipy"} & top)
-    if heavy:           # not wrong yet, but the front end does not need them
-        warnings.warn(f"fedlang check imports {heavy} ({len(report['modules'])} modules in all)")
+    assert not heavy, f"fedlang check imports {heavy}: the front end needs none of them (start-up time)"
 
 
 # ---- bugs in fedlang itself ------------------------------------------------------------------------
