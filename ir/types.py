@@ -88,6 +88,8 @@ class SequenceType:
         for t in walk(self.element):
             if isinstance(t, (FederatedType, FunctionType)):
                 raise TypeConstructionError(f"a sequence cannot hold {_kind(t)} values")
+            if isinstance(t, SequenceType):
+                raise TypeConstructionError("a sequence cannot hold sequences (as in TFF)")
 
     def __str__(self) -> str:
         return f"{self.element}*"

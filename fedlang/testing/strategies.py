@@ -22,7 +22,7 @@ from typing import Callable, Mapping, NamedTuple
 from hypothesis import strategies as st
 
 from fedlang.ir.types import (DTYPES, FLOAT_DTYPES, INTEGER_DTYPES, NUMERIC_DTYPES, FederatedType, FunctionType,
-                              Placement, SequenceType, StructType, TensorType, Type, is_assignable, is_placed)
+                              Placement, SequenceType, StructType, TensorType, Type, is_assignable, is_placed, walk)
 from fedlang.ir.primitives import CALLABLE
 from fedlang.syntax.parser import KEYWORDS
 
@@ -71,27 +71,28 @@ def _federated(members: st.SearchStrategy[Type]) -> st.SearchStrategy[FederatedT
 _TYPE_CACHE: dict = {}
 
 
-def _type(depth: int, placed: bool, role: str) -> st.SearchStrategy[Type]:
-    """role: "any" (functions and federated allowed), "data" (what may be
-    placed: tensors, structs, sequences), "elem" (what a sequence may hold).
+def _type(depth: int, placed: bool, functions: bool, role: str) -> st.SearchStrategy[Type]:
+    """role: "any" (function and federated types as the flags allow), "data"
+    (what may be placed: tensors, structs, sequences), "elem" (what a
+    sequence may hold).
 
-    A sequence never holds a sequence (TFF's rule; also `T**` would print the
-    `**` token, which the type grammar does not read)."""
-    key = (depth, placed, role)
+    A sequence never holds a sequence (TFF's rule)."""
+    key = (depth, placed, functions, role)
     if key not in _TYPE_CACHE:
         tensor = _tensor_types()
         if depth <= 0:
             strategy = tensor
         else:
-            elem = _type(depth - 1, placed, "elem")
+            elem = _type(depth - 1, placed, functions, "elem")
             if role == "any":
-                inner = _type(depth - 1, placed, "any")
-                options = [tensor, _structs(inner), elem.map(SequenceType),
-                           st.builds(FunctionType, st.none() | inner, inner)]
+                inner = _type(depth - 1, placed, functions, "any")
+                options = [tensor, _structs(inner), elem.map(SequenceType)]
+                if functions:
+                    options.append(st.builds(FunctionType, st.none() | inner, inner))
                 if placed:
-                    options.append(_federated(_type(depth - 1, placed, "data")))
+                    options.append(_federated(_type(depth - 1, placed, functions, "data")))
             elif role == "data":
-                options = [tensor, _structs(_type(depth - 1, placed, "data")), elem.map(SequenceType)]
+                options = [tensor, _structs(_type(depth - 1, placed, functions, "data")), elem.map(SequenceType)]
             else:
                 options = [tensor, _structs(elem)]
             strategy = st.one_of(options)
@@ -99,26 +100,32 @@ def _type(depth: int, placed: bool, role: str) -> st.SearchStrategy[Type]:
     return _TYPE_CACHE[key]
 
 
-def types(max_depth: int = 3, placed: bool = True) -> st.SearchStrategy[Type]:
+def types(max_depth: int = 3, placed: bool = True, functions: bool = True) -> st.SearchStrategy[Type]:
     """Random valid fedlang types, up to `max_depth` constructors deep.
 
     Construction rules hold by design (no federated type inside a federated
     type or a sequence, no placed function, SERVER always all-equal, unique
     field names), so every drawn value is a type a program could write.
-    `placed=False` leaves out federated types."""
-    return _type(max_depth, placed, "any")
+    `placed=False` leaves out federated types, `functions=False` function
+    types; with both False the result can always be placed (`{T}@CLIENTS`)."""
+    return _type(max_depth, placed, functions, "any")
 
 
 def supertypes(t: Type) -> st.SearchStrategy[Type]:
     """Types `u` with `is_assignable(u, t)`: known dims forgotten (`?`),
     unnamed fields named, `T@CLIENTS` widened to `{T}@CLIENTS`, function
     parameters narrowed (contravariance). Chains of these exercise transitivity."""
-    return st.composite(lambda draw: _widen(draw, t))()
+    return _related(t, wider=True)
 
 
 def subtypes(t: Type) -> st.SearchStrategy[Type]:
     """Types `u` with `is_assignable(t, u)`: the mirror image of `supertypes`."""
-    return st.composite(lambda draw: _narrow(draw, t))()
+    return _related(t, wider=False)
+
+
+@st.composite
+def _related(draw, t: Type, wider: bool) -> Type:
+    return _widen(draw, t) if wider else _narrow(draw, t)
 
 
 def _widen(draw, t: Type) -> Type:
@@ -241,12 +248,14 @@ class _E:
     type: Type
     atom: bool = True            # usable as an operand, callee or selection base without parentheses
     nparams: int | None = None   # declared parameter count, for function values
+    weak: bool = False           # a weak literal (or a let of one) standing where another dtype is required
 
 
 class _Var(NamedTuple):
     name: str
     type: Type
     nparams: int | None = None
+    weak: str | None = None      # "int" / "float": a let bound to a bare literal keeps its weakness
 
 
 @dataclass(frozen=True)
@@ -278,7 +287,10 @@ class _Env:
 
     def paths(self) -> list[_Var]:
         if self._paths is None:
-            self._paths = [p for v in self.vars for p in _paths_of(v.name, v.type, v.nparams, 2)]
+            self._paths = []
+            for v in self.vars:
+                self._paths.append(v)
+                self._paths += list(_paths_of(v.name, v.type, v.nparams, 2))[1:]
         return self._paths
 
 
@@ -466,13 +478,16 @@ class _Builder:
     # -- expressions
     def gen(self, t: Type, env: _Env, mode: str, depth: int) -> _E:
         """An expression whose inferred type is `t` (exact), assignable to `t`
-        (assign), or accepted where `t` is required (accept: weak literals too)."""
+        (assign), accepted where `t` is required (accept: weak scalar literals
+        too), or accepted where `t` is the declared type of an argument, a
+        result or an initial value (expect: struct literals of literals also
+        take `t`'s dtypes, docs/language.md "Weak literals")."""
         candidates = self.candidates(t, env, mode, depth)
         if not candidates:
             raise AssertionError(f"fedlang.testing: no way to write {t} ({mode}) with "
                                  f"{[(v.name, str(v.type)) for v in env.vars]}")
         e = self.pick(candidates)()
-        ok = _match(mode, t, e.type) or (mode == "accept" and _weak_ok(t, e))
+        ok = _match(mode, t, e.type) or (mode in ("accept", "expect") and _weak_ok(t, e))
         if not ok:
             raise AssertionError(f"fedlang.testing: generated {e.text!r} of type {e.type} for {t} ({mode})")
         return e
@@ -483,7 +498,7 @@ class _Builder:
         if paths:
             c += [lambda: self.path(paths)] * 6          # names in scope are the usual operands
         if isinstance(t, TensorType) and t.shape == ():
-            c += self.literal_candidates(t, mode)
+            c += self.literal_candidates(t, mode, env)
         exact_ok = self.avail(t, env, "exact")
         if mode != "exact" and _constructible(_max_refine(t), env.local) and _max_refine(t) != t:
             c.append(lambda: self.gen(self.refine(t), env, "exact", depth))
@@ -503,7 +518,9 @@ class _Builder:
                     c += self.reduce_candidates(t, env, depth) * 3
         if isinstance(t, FunctionType):
             c += self.function_candidates(t, env, depth)
-        if isinstance(t, StructType) and not exact_ok and all(self.avail(f, env, "assign") for _, f in t.fields):
+        if isinstance(t, StructType) and mode == "expect" and all(self.avail(f, env, "expect") for _, f in t.fields):
+            c += [lambda: self.struct_literal(t, env, "expect", depth)] * 2
+        elif isinstance(t, StructType) and not exact_ok and all(self.avail(f, env, "assign") for _, f in t.fields):
             c.append(lambda: self.struct_literal(t, env, "assign", depth))
         return c
 
@@ -523,15 +540,20 @@ class _Builder:
         v = self.pick(paths)
         return _E(v.name, v.type, True, v.nparams)
 
-    def literal_candidates(self, t: TensorType, mode: str) -> list[Callable[[], _E]]:
+    def literal_candidates(self, t: TensorType, mode: str, env: _Env) -> list[Callable[[], _E]]:
         d = t.dtype
         if d == "bool":
             return [lambda: _E(self.pick(("true", "false")), t)]
         out = []
-        if d == "int32" or (mode == "accept" and d in NUMERIC_DTYPES):
+        loose = mode in ("accept", "expect")
+        if d == "int32" or (loose and d in NUMERIC_DTYPES):
             out.append(lambda: _E(self.pick(_INT_LITS), TensorType("int32")))
-        if d == "float32" or (mode == "accept" and d in FLOAT_DTYPES):
+        if d == "float32" or (loose and d in FLOAT_DTYPES):
             out.append(lambda: _E(self.pick(_FLOAT_LITS), TensorType("float32")))
+        weak = [v for v in env.vars if v.weak is not None and loose and d in NUMERIC_DTYPES
+                and d != v.type.dtype and (v.weak == "int" or d in FLOAT_DTYPES)]
+        if weak:
+            out.append(lambda: (lambda v: _E(v.name, v.type, weak=True))(self.pick(weak)))
         return out
 
     def partner(self, t: TensorType, dtype: str | None = None) -> TensorType:
@@ -587,12 +609,15 @@ class _Builder:
             seqs = [v for v in env.paths() if isinstance(v.type, SequenceType)]
             if seqs:
                 c += [lambda: _E(f"count({self.sequence(seqs, env, sub).text})", t)] * 3
-            counted = [v for v in seqs if (lambda first: first is not None and first.rank > 0)(_first_leaf(v.type.element))]
+            counted = [v for v in seqs if _first_leaf(v.type.element) is not None
+                       and _first_leaf(v.type.element).rank > 0]
             if counted:
                 c += [lambda: _E(f"num_examples({self.pick(counted).name})", t)] * 3
         if known and d == "float32" and t.rank >= 1 and t.shape[-1] >= 1:
-            c.append(lambda: _E(f"one_hot({self.gen(TensorType(self.pick(('int32', 'int64')), t.shape[:-1]), env, 'exact', sub).text}"
-                                f", {t.shape[-1]})", t))
+            def one_hot() -> _E:
+                labels = TensorType(self.pick(("int32", "int64")), t.shape[:-1])
+                return _E(f"one_hot({self.gen(labels, env, 'exact', sub).text}, {t.shape[-1]})", t)
+            c.append(one_hot)
         if known and floating:
             c.append(lambda: self.xent(t, env, sub))
         if floating and t.shape == ():
@@ -621,7 +646,15 @@ class _Builder:
         return _E(f"random_uniform({self.shape_text(t.shape)}, -{self.pick(_FLOAT_LITS)}, {self.pick(_FLOAT_LITS)}, "
                   f"{seed})", t)
 
-    def literal(self, dtype: str) -> str:
+    def literal(self, dtype: str, env: _Env | None = None) -> str:
+        """A literal that takes `dtype` next to a tensor: a number, or a let bound to one."""
+        if env is not None:
+            weak = [v.name for v in env.vars if v.weak == "int" or (v.weak == "float" and dtype in FLOAT_DTYPES)]
+            if weak and dtype in NUMERIC_DTYPES and self.chance(30):
+                return self.pick(weak)
+        return self._number(dtype)
+
+    def _number(self, dtype: str) -> str:
         if dtype in FLOAT_DTYPES and self.chance(80):
             return self.pick(_FLOAT_LITS)
         return self.pick(_INT_LITS)
@@ -631,7 +664,7 @@ class _Builder:
         op = self.pick(ops)
         a = self.gen(t, env, "exact", depth)
         if self.chance(40):
-            b_text = self.literal(t.dtype)
+            b_text = self.literal(t.dtype, env)
         else:
             b_text = self.operand(self.gen(self.partner(t), env, "exact", depth))
         left, right = self.operand(a), b_text
@@ -646,7 +679,7 @@ class _Builder:
 
     def binary_builtin(self, t: TensorType, env: _Env, depth: int) -> _E:
         a = self.gen(t, env, "exact", depth).text
-        b = self.literal(t.dtype) if self.chance(30) else self.gen(self.partner(t), env, "exact", depth).text
+        b = self.literal(t.dtype, env) if self.chance(30) else self.gen(self.partner(t), env, "exact", depth).text
         if self.chance(50):
             a, b = b, a
         return _E(f"{self.pick(('maximum', 'minimum'))}({a}, {b})", t)
@@ -656,7 +689,7 @@ class _Builder:
         bounds = []
         for _ in range(2):
             if self.chance(60):
-                bounds.append(self.literal(t.dtype))
+                bounds.append(self.literal(t.dtype, env))
             else:
                 bounds.append(self.gen(TensorType(t.dtype), env, "exact", depth).text)
         return _E(f"clip({x}, {bounds[0]}, {bounds[1]})", t)
@@ -730,14 +763,12 @@ class _Builder:
 
     def comparison(self, t: TensorType, env: _Env, depth: int) -> _E:
         dtype = self.dtype(numeric=True)
-        a = self.gen(TensorType(dtype, t.shape), env, "exact", depth) if self.avail(TensorType(dtype, t.shape), env, "exact") \
-            else None
-        if a is None:
+        if not self.avail(TensorType(dtype, t.shape), env, "exact"):
             dtype = "bool"
-            a = self.gen(TensorType("bool", t.shape), env, "exact", depth)
+        a = self.gen(TensorType(dtype, t.shape), env, "exact", depth)
         ops = ("==", "!=") if dtype == "bool" else ("<", "<=", ">", ">=", "==", "!=")
         if dtype != "bool" and self.chance(40):
-            b = self.literal(dtype)
+            b = self.literal(dtype, env)
         else:
             b = self.operand(self.gen(self.partner(TensorType(dtype, t.shape)), env, "exact", depth))
         left, right = self.operand(a), b
@@ -776,7 +807,7 @@ class _Builder:
 
         def make() -> _E:
             f = self.pick(fs)
-            args = ", ".join(self.gen(p, env, "accept", depth).text for _, p in f.params)
+            args = ", ".join(self.gen(p, env, "expect", depth).text for _, p in f.params)
             return _E(f"grad({f.name})({args})", t)
         return [make]
 
@@ -804,19 +835,20 @@ class _Builder:
             if vg:
                 def value_and_grad() -> _E:
                     f = self.pick(vg)
-                    args = ", ".join(self.gen(p, env, "accept", sub).text for _, p in f.params)
+                    args = ", ".join(self.gen(p, env, "expect", sub).text for _, p in f.params)
                     return _E(f"value_and_grad({f.name})({args})", t)
                 c += [value_and_grad] * 4
         return c
 
     def struct_literal(self, t: StructType, env: _Env, mode: str, depth: int) -> _E:
-        sub = "exact" if mode == "exact" else "assign"
+        sub = {"exact": "exact", "expect": "expect"}.get(mode, "assign")
         parts, fields = [], []
         for n, f in t.fields:
             e = self.gen(f, env, sub, depth - 1)
             name = n if mode == "exact" or n is None or not self.chance(20) else None
             parts.append(e.text if name is None else f"{name}={e.text}")
-            fields.append((name, e.type))
+            # a literal inside a struct literal takes the expected dtype
+            fields.append((name, f if sub == "expect" and not _match("assign", f, e.type) else e.type))
         if not parts:
             text = "()"
         elif len(parts) == 1 and (fields[0][0] is None or self.chance(30)):
@@ -832,7 +864,9 @@ class _Builder:
         a = self.operand(self.gen(t, env, "exact", depth))
         r = self.int(0, 2)
         if r == 0:
-            b = self.pick(_FLOAT_LITS) if floating else self.pick(_INT_LITS)
+            b = self.literal("float64" if floating else "int64", env)
+            if not floating and b in _FLOAT_LITS:
+                b = self.pick(_INT_LITS)
         elif r == 1 and len(dtypes) == 1:
             b = self.operand(self.gen(TensorType(next(iter(dtypes))), env, "exact", depth))
         else:
@@ -868,7 +902,7 @@ class _Builder:
 
         def make() -> _E:
             s = self.sequence(seqs, env, depth - 1)
-            init = self.gen(t, env, "accept", depth - 1)
+            init = self.gen(t, env, "expect", depth - 1)
             lam = self.lambda_expr([(self.fresh("acc"), t), (self.fresh("e"), s.type.element)], t, env, depth - 1,
                                    annotate=True)
             return _E(f"reduce({s.text}, {init.text}, {lam.text})", t)
@@ -879,6 +913,9 @@ class _Builder:
         inner = env.unplaced().extend(*(_Var(n, p, None) for n, p in params))
         if annotate is None:
             annotate = self.chance(70)
+        # "accept", not "expect": the checker does not give a lambda's declared
+        # result type to a struct literal of literals, as it does for an fn's
+        # (reported; `fn() -> <a=float64> = (a=1.0)` is E040)
         body = self.gen(result, inner, "accept" if annotate else "exact", depth)
         i, body_text = self.mark(body.text)
         self.sites.append(_Site("fnbody", (i,)))
@@ -917,7 +954,10 @@ class _Builder:
                   and FunctionType(f.type.parameter, f.params[0][1] if name == "grad"
                                    else StructType(((None, f.result), (None, f.params[0][1])))) == t]
             if fs:
-                c.append(lambda fs=fs, name=name: (lambda f: _E(f"{name}({f.name})", t, True, len(f.params)))(self.pick(fs)))
+                def differentiate(fs=fs, name=name) -> _E:
+                    f = self.pick(fs)
+                    return _E(f"{name}({f.name})", t, True, len(f.params))
+                c.append(differentiate)
         return c
 
     # -- calls
@@ -931,7 +971,7 @@ class _Builder:
         if fns:
             def call_fn() -> _E:
                 f = self.pick(fns)
-                args = [(n, self.gen(p, env, "accept", sub).text) for n, p in f.params]
+                args = [(n, self.gen(p, env, "expect", sub).text) for n, p in f.params]
                 if args and self.chance(25):
                     order = self.draw(st.permutations(range(len(args))))
                     text = ", ".join(f"{args[i][0]}={args[i][1]}" for i in order)
@@ -942,7 +982,7 @@ class _Builder:
         if values:
             def call_value() -> _E:
                 v = self.pick(values)
-                args = ", ".join(self.gen(p, env, "accept", sub).text for p in _arg_types(v.type, v.nparams))
+                args = ", ".join(self.gen(p, env, "expect", sub).text for p in _arg_types(v.type, v.nparams))
                 return _E(f"{v.name}({args})", t)
             c.append(call_value)
         return c
@@ -977,7 +1017,7 @@ class _Builder:
                     i, arg = self.mark(self.gen(server, env, "exact", sub).text)
                     self.sites.append(_Site("bcast", (i,), tuple(self.client_paths(env))))
                     return _E(f"federated_broadcast({arg})", t)
-                c.append(broadcast)
+                c += [broadcast] * 4
         if not (p is CLIENTS and t.all_equal):
             c += self.map_candidates(t, env, sub) * 3
             if isinstance(m, StructType) and m.fields and all(n is None for n in m.names):
@@ -986,8 +1026,9 @@ class _Builder:
                     def zip_() -> _E:
                         args = []
                         for x in parts:
-                            if p is CLIENTS and self.chance(30) and self.avail(FederatedType(x.member, p, True), env, "exact"):
-                                x = FederatedType(x.member, p, True)
+                            same = FederatedType(x.member, p, True)
+                            if p is CLIENTS and self.chance(30) and self.avail(same, env, "exact"):
+                                x = same
                             args.append(self.gen(x, env, "exact", sub).text)
                         return _E(f"federated_zip({', '.join(args)})", t)
                     c += [zip_] * 3
@@ -1049,7 +1090,7 @@ class _Builder:
             return FederatedType(u, p, p is SERVER)
 
         def mappable(args: list[Type]) -> bool:
-            return bool(args) and all(not any(isinstance(x, FunctionType) for x in _walk(a)) and
+            return bool(args) and all(not any(isinstance(x, FunctionType) for x in walk(a)) and
                                       self.avail(placed(a), env, "assign") for a in args)
 
         named = [(f.name, [pt for _, pt in f.params], f.result) for f in self.fns
@@ -1067,9 +1108,9 @@ class _Builder:
                 j, first = self.mark(args[0])
                 self.sites.append(_Site("map", (i, j), (name,)))
                 return _E(prefix_marked + ", ".join([first] + args[1:]) + ")", t)
-            c.append(by_name)
+            c += [by_name] * 3
         sources = [v for v in env.paths() if isinstance(v.type, FederatedType) and v.type.placement is p
-                   and not any(isinstance(x, FunctionType) for x in _walk(v.type.member))]
+                   and not any(isinstance(x, FunctionType) for x in walk(v.type.member))]
         base_ok = self.avail(m, env.unplaced(), "exact")
         # sources whose member, as the lambda's parameter, lets the body be written
         enabling = sources if base_ok else \
@@ -1109,7 +1150,7 @@ class _Builder:
     def apply_candidates(self, t: FederatedType, env: _Env, depth: int) -> list[Callable[[], _E]]:
         m = t.member
         fs = [f for f in self.fns if not f.federated and len(f.params) == 1 and f.result == m
-              and not any(isinstance(x, FunctionType) for x in _walk(f.params[0][1]))
+              and not any(isinstance(x, FunctionType) for x in walk(f.params[0][1]))
               and self.avail(FederatedType(f.params[0][1], SERVER, True), env, "assign")]
         c: list[Callable[[], _E]] = []
         if fs:
@@ -1119,7 +1160,7 @@ class _Builder:
                 return _E(f"federated_apply({f.name}, {arg})", t)
             c.append(named)
         servers = [v for v in env.paths() if isinstance(v.type, FederatedType) and v.type.placement is SERVER
-                   and not any(isinstance(x, FunctionType) for x in _walk(v.type.member))]
+                   and not any(isinstance(x, FunctionType) for x in walk(v.type.member))]
         if servers and self.avail(m, env.unplaced().extend(_Var("q", servers[0].type.member)), "exact"):
             def lam() -> _E:
                 v = self.pick(servers)
@@ -1134,7 +1175,7 @@ class _Builder:
     def aggregate(self, t: FederatedType, env: _Env, depth: int) -> _E:
         """federated_aggregate(x, zero, accumulate, merge, report)."""
         sources = [v for v in env.paths() if isinstance(v.type, FederatedType) and v.type.placement is CLIENTS
-                   and not any(isinstance(x, FunctionType) for x in _walk(v.type.member))]
+                   and not any(isinstance(x, FunctionType) for x in walk(v.type.member))]
         if sources and self.chance(70):
             v = self.pick(sources)
             x_text, member = v.name, v.type.member
@@ -1159,7 +1200,12 @@ class _Builder:
         paths = [v for v in env.paths() if not isinstance(v.type, FunctionType)]
         t: Type
         losses = self.losses()
-        if r < 3 and paths:
+        mappable = [f for f in self.fns if not f.federated and f.params and _placeable(f.result)
+                    and not any(isinstance(x, FunctionType) for _, pt in f.params for x in walk(pt))]
+        if comp and mappable and self.chance(35):     # federated_map of an earlier fn
+            placement = self.pick((CLIENTS, CLIENTS, SERVER))
+            t = FederatedType(self.pick(mappable).result, placement, placement is SERVER)
+        elif r < 3 and paths:
             t = self.pick(paths).type
         elif r < 5 and any(isinstance(v.type, SequenceType) for v in paths):
             t = self.pick((TensorType("int32"), TensorType("float32")))      # count, num_examples, reduce
@@ -1219,13 +1265,22 @@ class _Builder:
                 pattern = f"({names_[0]},)" if len(names_) == 1 else f"({', '.join(names_)})"
                 lets.append(f"let {pattern} = {e.text}")
             else:
-                t = self.target_type(env, comp)
-                e = self.gen(t, env, "exact", self.max_depth)
+                projections = [v for v in env.paths() if "." in v.name or "[" in v.name]
+                if projections and self.chance(20):     # `let x = s.a` / `s[0]`: selection on every kind of struct
+                    v = self.pick(projections)
+                    e = _E(v.name, v.type, True, v.nparams)
+                elif self.chance(15):                     # `let lr = 0.1`: a let keeps the literal's weakness
+                    e = self.pick((lambda: _E(self.pick(_FLOAT_LITS), TensorType("float32")),
+                                   lambda: _E(self.pick(_INT_LITS), TensorType("int32"))))()
+                else:
+                    t = self.target_type(env, comp)
+                    e = self.gen(t, env, "exact", self.max_depth)
                 name = self.fresh("v")
                 self.let_types[(decl, name)] = e.type
-                env = env.extend(_Var(name, e.type, e.nparams))
+                weak = "int" if e.text in _INT_LITS else "float" if e.text in _FLOAT_LITS else None
+                env = env.extend(_Var(name, e.type, e.nparams, weak))
                 lets.append(f"let {name} = {e.text}")
-        result_e = self.gen(result, env, "accept", self.max_depth)
+        result_e = self.gen(result, env, "expect", self.max_depth)
         i, result_text = self.mark(result_e.text)
         if not lets and self.chance(80):
             return f" =\n  {result_text}" if self.chance(20) else f" = {result_text}", env, i
@@ -1259,11 +1314,14 @@ class _Builder:
             result = TensorType(self.pick(("float32", "float32", "float64")))
         else:
             result = None
+            aliased = [t for t in self.alias_by_type if not is_placed(t)]
             for _ in range(self.int(0, 3)):
                 if self.fns and self.chance(30):
                     t = self.pick(self.fns).result
                     if is_placed(t):
                         t = self.value_type(2, known=False, seq=True)
+                elif aliased and self.chance(30):
+                    t = self.pick(aliased)
                 else:
                     t = self.value_type(2, known=False, seq=True, fn=True)
                 self.maybe_alias(t)
@@ -1294,13 +1352,15 @@ class _Builder:
         r = self.int(0, 9)
         if self.fns and self.chance(40):
             candidates = [pt for f in self.fns if not f.federated for _, pt in f.params if not is_placed(pt)
-                          and not any(isinstance(x, FunctionType) for x in _walk(pt))]
+                          and not any(isinstance(x, FunctionType) for x in walk(pt))]
             member = self.pick(candidates) if candidates else self.value_type(1, known=False, seq=True)
+        elif self.chance(40):
+            member = self.struct_of(lambda: self.value_type(1, known=False, seq=r < 3))
         else:
-            member = self.value_type(1, known=False, seq=r < 4)
-        if r < 5:
+            member = self.value_type(1, known=False, seq=r < 3)
+        if r < 4:
             return FederatedType(member, CLIENTS, False)
-        if r < 7:
+        if r < 6:
             return FederatedType(member, SERVER, True)
         if r < 8:
             return FederatedType(member, CLIENTS, True)
@@ -1316,7 +1376,11 @@ class _Builder:
         elif r < 5:
             t = FederatedType(self.value_type(2), SERVER, True)
         elif r < 7:
-            t = FederatedType(self.value_type(1), CLIENTS, self.chance(30))
+            mappable = [f for f in self.fns if not f.federated and f.params
+                        and _placeable(f.result)
+                        and not any(isinstance(x, FunctionType) for _, pt in f.params for x in walk(pt))]
+            member = self.pick(mappable).result if mappable and self.chance(60) else self.value_type(1)
+            t = FederatedType(member, CLIENTS, self.chance(20))
         elif r < 8:
             t = self.struct_of(lambda: FederatedType(self.value_type(1), SERVER, True), 1, 3)
         else:
@@ -1356,6 +1420,64 @@ class _Builder:
         self.decl_types[name] = fn.type
         return fn
 
+    def mappable_fns(self) -> list[_Fn]:
+        return [f for f in self.fns if not f.federated and f.params and _placeable(f.result)
+                and all(_placeable(pt) for _, pt in f.params)]
+
+    def round_decl(self, f: _Fn) -> None:
+        """A comp shaped like a round of federated training: broadcast the
+        server values f needs, map f at the clients, aggregate what it returns."""
+        name = self.fresh("c")
+        params, lets, args = [], [], []
+        env = _Env(local=False)
+        for _, pt in f.params:
+            r = self.int(0, 2)
+            pname = self.fresh("p")
+            if r == 0:
+                params.append((pname, FederatedType(pt, SERVER, True)))
+                env = env.extend(_Var(pname, params[-1][1]))
+                local = self.fresh("v")
+                i, arg = self.mark(pname)
+                self.sites.append(_Site("bcast", (i,), tuple(self.client_paths(env))))
+                lets.append(f"let {local} = federated_broadcast({arg})")
+                self.let_types[(name, local)] = FederatedType(pt, CLIENTS, True)
+                env = env.extend(_Var(local, FederatedType(pt, CLIENTS, True)))
+                args.append(local)
+            else:
+                params.append((pname, FederatedType(pt, CLIENTS, r == 2)))
+                env = env.extend(_Var(pname, params[-1][1]))
+                args.append(pname)
+        mapped = self.fresh("v")
+        i, prefix = self.mark(f"federated_map({f.name}, ")
+        j, first = self.mark(args[0])
+        self.sites.append(_Site("map", (i, j), (f.name,)))
+        lets.append(f"let {mapped} = {prefix}{', '.join([first] + args[1:])})")
+        clients = FederatedType(f.result, CLIENTS, False)
+        self.let_types[(name, mapped)] = clients
+        env = env.extend(_Var(mapped, clients))
+        if _all_in(f.result, FLOAT_DTYPES):
+            weights = [v.name for v in env.paths() if v.type in (FederatedType(TensorType("float32"), CLIENTS, False),
+                                                                  FederatedType(TensorType("float32"), CLIENTS, True))]
+            weight = f", weight={self.pick(weights)}" if weights and self.chance(50) else ""
+            result, result_text = FederatedType(f.result, SERVER, True), f"federated_mean({mapped}{weight})"
+        elif _all_in(f.result, NUMERIC_DTYPES):
+            result, result_text = FederatedType(f.result, SERVER, True), f"federated_sum({mapped})"
+        else:
+            result, result_text = clients, mapped
+        k, result_text = self.mark(result_text)
+        if result.placement is SERVER:
+            self.sites.append(_Site("ret", (k,), tuple(self.client_paths(env))))
+        rendered = []
+        for n, t in params:
+            j, shown = self.mark(self.render(t))
+            self.sites.append(_Site("ann", (j,), (t,)))
+            rendered.append(f"{n}: {shown}")
+        body = "\n  ".join(lets + [f"return {result_text}"])
+        self.decls.append(f"comp {name}({', '.join(rendered)}) -> {self.render(result)} {{\n  {body}\n}}")
+        fn = _Fn(name, tuple(params), result, True)
+        self.fns.append(fn)
+        self.decl_types[name] = fn.type
+
     def process_decl(self) -> None:
         state = FederatedType(self.value_type(2, floating=True), SERVER, True)
         self.maybe_alias(state)
@@ -1388,22 +1510,27 @@ class _Builder:
                 self.alias_by_type.setdefault(t, []).append(name)
                 self.decl_types[name] = t
         for _ in range(self.int(1, self.max_decls)):
-            if self.chance(45):
+            mappable = self.mappable_fns()
+            if mappable and self.chance(45):
+                self.round_decl(self.pick(mappable))
+            elif self.chance(45 if self.fns else 25):
                 self.comp_decl()
             else:
                 self.fn_decl()
         if self.want_process and self.chance(35):
             self.process_decl()
-        parts = ["# generated by fedlang.testing.strategies.programs()"] + self.alias_decls + self.decls
+        decls = self.alias_decls + self.decls
+        if len(decls) > 1 and self.chance(20):      # top-level declarations may come in any order
+            decls = [decls[i] for i in self.draw(st.permutations(range(len(decls))))]
+        parts = ["# generated by fedlang.testing.strategies.programs()"] + decls
         marked = "\n\n".join(parts) + "\n"
         source, offsets = _strip_marks(marked)
         sites = tuple(_Site(s.kind, tuple(offsets[i] for i in s.regions), s.info) for s in self.sites)
         return GeneratedProgram(source, dict(self.decl_types), dict(self.let_types), sites)
 
 
-def _walk(t: Type):
-    from fedlang.ir.types import walk
-    return walk(t)
+def _placeable(t: Type) -> bool:
+    return not any(isinstance(x, (FunctionType, FederatedType)) for x in walk(t))
 
 
 def _first_leaf(t: Type) -> TensorType | None:
@@ -1425,6 +1552,8 @@ def _fields_of(t: Type) -> list[Type]:
 
 def _weak_ok(t: Type, e: _E) -> bool:
     """A weak literal accepted where a scalar of another numeric dtype is required."""
+    if e.weak:
+        return True
     return (isinstance(t, TensorType) and t.shape == () and isinstance(e.type, TensorType)
             and e.type.shape == () and e.text in _INT_LITS + _FLOAT_LITS
             and (t.dtype in FLOAT_DTYPES or (e.text in _INT_LITS and t.dtype in NUMERIC_DTYPES)))
@@ -1472,10 +1601,12 @@ def programs(max_decls: int = 4, max_depth: int = 3, max_lets: int = 3,
     `process`, bodies written by a type-directed generator over the rules of
     LANGUAGE.md (intrinsics, builtins, struct arithmetic, lambdas, lets, calls
     of earlier declarations, weak literals). Shrinks towards small programs."""
-    @st.composite
-    def build(draw) -> GeneratedProgram:
-        return _Builder(draw, max_decls, max_depth, max_lets, process).build()
-    return build()
+    return _programs(max_decls, max_depth, max_lets, process)
+
+
+@st.composite
+def _programs(draw, max_decls: int, max_depth: int, max_lets: int, process: bool) -> GeneratedProgram:
+    return _Builder(draw, max_decls, max_depth, max_lets, process).build()
 
 
 # ---- placement mutations ------------------------------------------------------------------------
@@ -1506,14 +1637,16 @@ def ill_placed(program: GeneratedProgram,
     value is broadcast; E063 an intrinsic is called inside an fn or a lambda;
     E064 a type annotation nests placements. Where the program has no place
     for a mutation, a small declaration that makes it is appended."""
-    @st.composite
-    def build(draw) -> IllPlaced:
-        code = draw(st.sampled_from(tuple(codes)))
-        sites = [s for s in program.sites if s.kind == _SITE_OF_CODE[code]]
-        if sites and draw(st.integers(0, 9)) < 9:
-            return _mutate(draw, program.source, draw(st.sampled_from(sites)), code)
-        return _append(draw, program.source, code)
-    return build()
+    return _ill_placed(program, tuple(codes))
+
+
+@st.composite
+def _ill_placed(draw, program: GeneratedProgram, codes: tuple[str, ...]) -> IllPlaced:
+    code = draw(st.sampled_from(codes))
+    sites = [s for s in program.sites if s.kind == _SITE_OF_CODE[code]]
+    if sites and draw(st.integers(0, 9)) < 9:
+        return _mutate(draw, program.source, draw(st.sampled_from(sites)), code)
+    return _append(draw, program.source, code)
 
 
 def _position(text: str, offset: int) -> tuple[int, int]:
