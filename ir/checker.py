@@ -252,6 +252,10 @@ class _Checker:
 
     def _resolve_type(self, e: ast.TypeExpr) -> Type | object:
         if isinstance(e, ast.TensorTypeExpr):
+            if any(d is not None and d > 2 ** 31 - 1 for d in e.shape):
+                self.error("E051", f"a dimension of {e.dtype}{list(e.shape)} is beyond 2**31 - 1", e.span,
+                           "too large")
+                return UNKNOWN
             return TensorType(e.dtype, e.shape)
         if isinstance(e, ast.StructTypeExpr):
             fields = [(n, self.resolve_type(f)) for n, f in e.fields]
@@ -457,6 +461,11 @@ class _Checker:
 
     def _destructure(self, let: ast.Let, value: AVal) -> list[AVal]:
         n = len(let.names)
+        repeated = next((name for name in let.names if let.names.count(name) > 1), None)
+        if repeated is not None:
+            self.error("E031", f"the pattern binds `{repeated}` twice", let.span, "bound twice",
+                       help="give every field its own name (use _1, _2 for fields you ignore)")
+            return [UNKNOWN_AVAL] * n
         if value.unknown:
             return [UNKNOWN_AVAL] * n
         t = value.type
@@ -727,7 +736,8 @@ class _Checker:
                 if self._no_placement(result, e.result.span, "the result of a lambda"):
                     result = UNKNOWN
                 else:
-                    self.expect(result, body, _result_span(e.body), "the result of this lambda")
+                    self.expect(result, body, _result_span(e.body), "the result of this lambda",
+                                _result_expr(e.body))
         elif not body.unknown:
             result = strong(body).type
         if duplicate or result is UNKNOWN or any(t is UNKNOWN for t in types):
@@ -976,6 +986,9 @@ class _Checker:
     def _static(self, kind: str, name: str, prim: Primitive, e: ast.Expr) -> object:
         if kind == "int":
             k = _static_int(e)
+            if k is not None and abs(k) > 2 ** 31 - 1:
+                self.error("E049", f"`{name}` of {prim.name} is beyond 2**31 - 1", e.span, "too large")
+                return _BAD
             if k is None:
                 self.error("E049", f"`{name}` of {prim.name} must be an integer literal", e.span, "not static",
                            help=f"write a number, e.g. {name}=1")

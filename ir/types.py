@@ -238,7 +238,12 @@ def parse(text: str) -> Type:
         if isinstance(e, ast.FunctionTypeExpr):
             return FunctionType(None if e.parameter is None else convert(e.parameter), convert(e.result))
         if isinstance(e, ast.FederatedTypeExpr):
-            return FederatedType(convert(e.member), Placement(e.placement), e.all_equal)
+            member = convert(e.member)
+            if any(isinstance(t, FederatedType) for t in walk(member)):
+                raise FedlangError([Diagnostic("E064", "placements cannot nest", e.span)], sources)
+            if any(isinstance(t, FunctionType) for t in walk(member)):
+                raise FedlangError([Diagnostic("E065", "function types cannot be placed", e.span)], sources)
+            return FederatedType(member, Placement(e.placement), e.all_equal)
         raise FedlangError([Diagnostic("E034", f"unknown type `{e.name}`", e.span,
                                        help="type notation has no aliases: spell the type out")], sources)
 
