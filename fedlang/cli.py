@@ -2,6 +2,9 @@
 
     fedlang check FILE... [--format text|json]   exit 0 clean, 1 on errors
     fedlang types FILE                           each declaration with its type
+    fedlang compile FILE [--emit ir|dot|phases|png|svg] [-O0] [-o OUT]
+                                                 the optimized IR, its graph, or the
+                                                 server and client phases of each comp
     fedlang --version
 
 Users never see a Python traceback: their mistakes are diagnostics, and a bug
@@ -32,6 +35,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="json: machine-readable diagnostics on stdout")
     types = commands.add_parser("types", help="print each declaration with its type")
     types.add_argument("file", metavar="FILE")
+    compile_ = commands.add_parser(
+        "compile", help="compile a program and show the result (IR text, DOT graph, phases)",
+        description="Compile FILE: check it, build its IR and optimize it. --emit shows the result: "
+                    "ir (the IR as text), dot (Graphviz DOT), phases (each comp cut into server and "
+                    "client phases, with their types), png or svg (a drawing of the IR).")
+    compile_.add_argument("file", metavar="FILE")
+    compile_.add_argument("--emit", choices=EMITS, help="what to print (to OUT with -o)")
+    compile_.add_argument("-O0", dest="optimize", action="store_false",
+                          help="no optimization passes (phases still inline the comps a comp calls)")
+    compile_.add_argument("-o", dest="output", metavar="OUT",
+                          help="write what --emit produces to OUT (plans are not supported yet)")
     return parser
 
 
@@ -46,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args.files, args.format)
         if args.command == "types":
             return _types(args.file)
+        if args.command == "compile":
+            return _compile(args.file, args.emit, args.optimize, args.output)
     except KeyboardInterrupt:
         print("fedlang: interrupted", file=sys.stderr)
         return 130
@@ -97,6 +113,148 @@ def _types(file: str) -> int:
         else:
             print(f"{kind} {name} : {t}")
     return EXIT_OK
+
+
+EMITS = ("ir", "dot", "phases", "png", "svg")
+
+
+def _compile(file: str, emit: str | None, optimize: bool, output: str | None) -> int:
+    """`fedlang compile`. Passes and phase splitting are imported here, not at start-up, so
+    `fedlang check` stays fast."""
+    if output is not None and emit is None:
+        print("fedlang compile: writing an executable plan (-o without --emit) is not supported yet; "
+              "use --emit ir|dot|phases|png|svg to see what the compiler makes", file=sys.stderr)
+        return EXIT_USAGE
+    from fedlang.api import check, compile_ir
+
+    result = check(file)
+    if result.diagnostics:
+        print(result.render() + "\n", file=sys.stderr)
+    if not result.ok:
+        print(f"fedlang: {_plural(len(result.errors), 'error')} in 1 file", file=sys.stderr)
+        return EXIT_ERRORS
+
+    from fedlang.ir.graph import format_program, to_dot
+    from fedlang.ir.verify import verify
+
+    program = compile_ir(result, optimize=optimize)
+    verify(program, "optimize" if optimize else "build")
+    if emit is None:
+        names = [name for name in program.root if name in program.functions]
+        comps = sum(1 for name in names if program.functions[name].federated)
+        print(f"fedlang: {file} compiled: {_plural(len(names), 'computation')} "
+              f"({comps} comp{'' if comps == 1 else 's'}), {program.size()} IR nodes"
+              + ("" if optimize else " (passes off)")
+              + "; see it with --emit ir|dot|phases|png|svg")
+        return EXIT_OK
+    if emit in ("png", "svg"):
+        return _draw(program, to_dot(program), emit, output or f"{os.path.splitext(os.path.basename(file))[0]}.{emit}")
+    status = EXIT_OK
+    if emit == "ir":
+        text = format_program(program)
+    elif emit == "dot":
+        text = to_dot(program)
+    else:
+        from fedlang.ir.phases import PhaseSplitError, format_phases, split_phases
+        from fedlang.ir.verify import verify_function
+
+        parts, unsplit = [], 0
+        for name in program.root:
+            function = program.functions.get(name)
+            if function is None or not function.federated:
+                continue
+            try:
+                phases = split_phases(function, program)
+            except PhaseSplitError as error:
+                print(f"fedlang compile: cannot split `{name}` into phases: {error}\n"
+                      "This is a limitation of this version of fedlang, not an error in your program.",
+                      file=sys.stderr)
+                unsplit += 1
+                continue
+            for phase in phases:
+                verify_function(phase.function, phase.globals, f"phase splitting ({phase.name})")
+            parts.append(format_phases(phases))
+        if not parts and not unsplit:
+            print(f"fedlang: {file} declares no comp, so there are no phases", file=sys.stderr)
+        text = "\n\n".join(parts)
+        status = EXIT_INTERNAL if unsplit else EXIT_OK
+    if output is None:
+        if text:
+            _print_all(text)
+    else:
+        with open(output, "w", encoding="utf-8") as out:
+            out.write(text + "\n")
+    return status
+
+
+def _print_all(text: str) -> None:
+    """Print to stdout; a reader that stops early (`| head`) is not an error."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _draw(program, dot_text: str, fmt: str, output: str) -> int:
+    """A drawing of the IR: Graphviz's `dot` if it is on PATH, else matplotlib and networkx."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    dot = shutil.which("dot")
+    if dot is not None:
+        done = subprocess.run([dot, f"-T{fmt}", "-o", output], input=dot_text, text=True, capture_output=True)
+        if done.returncode != 0:
+            print(f"fedlang compile: dot failed: {done.stderr.strip()}", file=sys.stderr)
+            return EXIT_INTERNAL
+    elif importlib.util.find_spec("matplotlib") is not None:
+        _draw_with_matplotlib(program, fmt, output)
+    else:
+        print(f"fedlang compile: --emit {fmt} needs Graphviz (the `dot` program on PATH) or matplotlib "
+              "(pip install matplotlib); neither is available here.\n"
+              f"= help: --emit dot prints the graph as DOT text, e.g. for "
+              f"`fedlang compile FILE --emit dot | dot -T{fmt} -o out.{fmt}` on a machine with Graphviz",
+              file=sys.stderr)
+        return EXIT_USAGE
+    print(f"fedlang: wrote {output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _draw_with_matplotlib(program, fmt: str, output: str) -> None:
+    """Every top-level function as layers of nodes (by dependency depth), drawn with networkx."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import networkx as nx
+
+    graph, labels, positions = nx.DiGraph(), {}, {}
+    x_offset = 0.0
+    for function in program.functions.values():
+        depth: dict[int, int] = {}
+        for nid, node in function.nodes():
+            depth[nid] = 1 + max((depth[i] for i in node.inputs), default=-1)
+        columns: dict[int, int] = {}
+        for nid, node in function.nodes():
+            key = (function.name, nid)
+            graph.add_node(key)
+            labels[key] = f"%{nid} {node.prim.name}\n{node.type}"
+            column = columns.get(depth[nid], 0)
+            columns[depth[nid]] = column + 1
+            positions[key] = (x_offset + column * 3.0, -depth[nid] * 1.5)
+            for source in node.inputs:
+                graph.add_edge((function.name, source), key)
+        x_offset += 3.0 * (max(columns.values(), default=1) + 1)
+    width = max(6.0, min(60.0, x_offset))
+    height = max(4.0, min(60.0, 1.5 * max((-y for _, y in positions.values()), default=1) + 2))
+    figure = plt.figure(figsize=(width, height))
+    nx.draw_networkx(graph, positions, labels=labels, node_shape="s", node_color="#e8eef7", node_size=900,
+                     font_size=6, arrows=True)
+    plt.axis("off")
+    figure.savefig(output, format=fmt, bbox_inches="tight")
+    plt.close(figure)
 
 
 def _plural(n: int, noun: str) -> str:
