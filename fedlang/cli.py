@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedlang: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:          # a reader that stops early (`fedlang types f.fed | head`)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except Exception as error:       # noqa: BLE001 - the last line of defence against tracebacks
         print(f"internal compiler error: {type(error).__name__}: {error}\n"
               "This is a bug in fedlang, not in your program. Please report it with the file that caused it.",

@@ -222,14 +222,25 @@ class _ExprBuilder:
     def _apply(self, p: Primitive, e: ast.Expr, inputs: list[int], **attrs) -> int:
         aval = self.aval(e)
         if aval.weak and all(self._weak_value(i) is not None for i in inputs):
-            values = [self._weak_value(i) for i in inputs]                          # fold literal arithmetic
-            static = {k: v for k, v in attrs.items() if k != "args"}
-            names = attrs.get("args")
-            value = p.impl(**dict(zip(names, values)), **static) if names else p.impl(*values, **static)
-            value = value.item() if isinstance(value, np.generic | np.ndarray) else value
-            value = float(value) if aval.weak == "float" else int(value)
-            return self.add("const", [], aval.type, e.span, value=value, weak=True)
+            value = self._fold(p, [self._weak_value(i) for i in inputs], attrs)
+            if value is not None:
+                value = float(value) if aval.weak == "float" else int(value)
+                return self.add("const", [], aval.type, e.span, value=value, weak=True)
+            inputs = [self._materialize_default(i) for i in inputs]
         return self.add(p, inputs, aval.type, e.span, **attrs)
+
+    def _fold(self, p: Primitive, values: list, attrs: dict) -> Any:
+        """Literal arithmetic at full precision (float64, int64), or None when it fails
+        (`7 % 0`): then the node is kept and behaves at run time as any other."""
+        arrays = [np.asarray(v, np.float64 if isinstance(v, float) else np.int64) for v in values]
+        static = {k: v for k, v in attrs.items() if k != "args"}
+        names = attrs.get("args")
+        try:
+            with np.errstate(all="raise"):
+                value = p.impl(**dict(zip(names, arrays)), **static) if names else p.impl(*arrays, **static)
+            return np.asarray(value).item()
+        except (ArithmeticError, ValueError, TypeError, FloatingPointError):
+            return None
 
     def _weak_value(self, nid: int) -> Any:
         node = self.f.node(nid)
@@ -336,7 +347,7 @@ class _ExprBuilder:
         if nid in self.literals and isinstance(t, StructType) and self.f.node(nid).type != t:
             node = self.f.node(nid)
             fields = [self.coerce(f, ft) for f, ft in zip(self.literals[nid], t.types)]
-            return self.add("struct", fields, t, node.span, names=node.attr("names"))
+            return self.add("struct", fields, t, node.span, names=t.names)
         value = self._weak_value(nid)
         if value is None:
             return nid

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 from fedlang.diagnostics import InternalCompilerError
 from fedlang.ir.graph import Function, Program
-from fedlang.ir.primitives import NUM_CLIENTS
+from fedlang.ir.lazy_numpy import np
+from fedlang.ir.primitives import NUM_CLIENTS, FedlangRuntimeError
 from fedlang.ir.values import Struct
 
 
@@ -72,10 +73,15 @@ class Interpreter:
                     attrs["out_type"] = node.type
                 inputs = [env[i] for i in node.inputs]
                 names = node.attr("args")
-                if names is not None:
-                    value = impl(**dict(zip(names, inputs)), **attrs)
-                else:
-                    value = impl(*inputs, **attrs)
+                try:
+                    if names is not None:
+                        value = impl(**dict(zip(names, inputs)), **attrs)
+                    else:
+                        value = impl(*inputs, **attrs)
+                except FedlangRuntimeError as error:
+                    raise FedlangRuntimeError(_where(node, str(error))) from None
+                except (ArithmeticError, IndexError, ValueError) as error:
+                    raise FedlangRuntimeError(_where(node, f"{name} failed: {error}")) from None
             env[nid] = value
         return env[function.result]
 
@@ -83,9 +89,16 @@ class Interpreter:
         """Run top-level computation `name` with `num_clients` participating clients."""
         token = NUM_CLIENTS.set(num_clients)
         try:
-            return self.run(self.program.functions[name], args)
+            with np.errstate(all="ignore"):      # IEEE semantics: inf and nan are values, not warnings
+                return self.run(self.program.functions[name], args)
         finally:
             NUM_CLIENTS.reset(token)
+
+
+def _where(node, message: str) -> str:
+    if node.span is None or message.startswith(str(node.span)):
+        return message
+    return f"{node.span}: {message}"
 
 
 # Attributes that describe a node for printing and passes but are not impl arguments.

@@ -47,6 +47,23 @@ class Param:
 
 @dataclass(frozen=True, slots=True)
 class Primitive:
+    """One entry of the table: every rule of one op, side by side.
+
+    type_rule  bound arguments (AVals and statics) -> AVal, or TypeRuleError
+    impl       the reference (NumPy) implementation: the meaning of the op
+    vjp        derivative rule (reverse mode, in IR ops): see "derivative rules"
+    batch      batching rule (how the op acts on a leading client axis, in IR ops):
+               see "batching rules"; None only for the federated intrinsics
+               (UNBATCHED_INTRINSICS), which a vectorized client phase sits between
+    lowering   TensorFlow lowering, filled by the TensorFlow backend (None until
+               then): `lowering(tf, *inputs, **attrs)` gets the `tensorflow` module,
+               the node's inputs as TF values (tensors; structs as tuples; function
+               values as Python callables on TF values) in the node's input order and
+               its static attributes (those of `params` that are not values, plus
+               `out_type=` when `typed_impl`), and returns the TF tensor(s) of the
+               result (a tuple for a struct), computing what `impl` computes
+    """
+
     name: str
     signature: str               # one line, in type notation, for docs and messages
     params: tuple[Param, ...]
@@ -58,6 +75,8 @@ class Primitive:
     typed_impl: bool = False     # impl takes the node's type as `out_type=`
     callable: bool = True        # a program may call it by name (structural nodes may not)
     vjp: Callable[..., tuple] | None = None   # derivative rule (reverse mode, in IR ops); see below
+    batch: Callable[..., Any] | None = None   # batching rule (vectorizing over clients, in IR ops); see below
+    lowering: Callable[..., Any] | None = None   # TensorFlow lowering (the TensorFlow backend); see above
 
 
 # ---- helpers used by the rules ------------------------------------------------------
@@ -833,7 +852,7 @@ def _np_ones_like(x):
 
 def _dtype_of(*values) -> np.dtype | None:
     for v in values:
-        if isinstance(v, np.ndarray):
+        if isinstance(v, (np.ndarray, np.generic)):
             return v.dtype
     return None
 
@@ -1060,16 +1079,16 @@ def _np_struct(*values, names=()):
 
 
 def _np_select(value, index, out_type=None):
-    if isinstance(out_type, FederatedType) and out_type.placement is Placement.CLIENTS:
-        return [v[index] for v in _clients(value)]
-    return value[index]
+    if isinstance(value, list):                  # a federated struct at CLIENTS: select per client
+        return [v[index] for v in value]
+    return value[index]                          # a struct (maybe of placed values), or a server value
 
 
 def _np_index(x, i):
     k = int(i)
     if not 0 <= k < x.shape[0]:
         raise FedlangRuntimeError(f"index {k} is out of range for a first axis of size {x.shape[0]}")
-    return x[k]
+    return _a(x[k])
 
 
 def _np_call(f, *args):
@@ -1528,6 +1547,538 @@ def _vjp_zip_seq(emit, out, node, ct, wants):
     return tuple(_when(w, lambda k=k: emit.map_select(ct, k)) for k, w in enumerate(wants))
 
 
+# ---- internal primitives of vectorization (fedlang.ir.batching) ------------------------
+#
+# Built only by the vectorizer (`callable=False`) where a builtin has no parameter for
+# what a batching rule needs: leading axes to `keep` as they are, an axis to insert or
+# remove, random numbers for many seeds at once, a row picked per client. Each has a
+# type rule, a NumPy implementation, a derivative rule and a batching rule like every
+# entry, so a vectorized function is ordinary IR (it can be vectorized again, or
+# differentiated).
+
+def _first_tensor(t: Type) -> TensorType | None:
+    """The first tensor of a value: itself, a struct's first leaf, a sequence element's."""
+    if isinstance(t, TensorType):
+        return t
+    if isinstance(t, SequenceType):
+        return _first_tensor(t.element)
+    if isinstance(t, StructType):
+        for f in t.types:
+            found = _first_tensor(f)
+            if found is not None:
+                return found
+    return None
+
+
+def _broadcast_leading(x: AVal, like: AVal, axis: int, like_axis: int) -> AVal:
+    t = _tensor(strong(x), "x")
+    lt = _first_tensor(like.type)
+    if lt is None or not 0 <= like_axis < lt.rank:
+        raise TypeRuleError(f"broadcast_leading takes the size of axis {like_axis} of a tensor; "
+                            f"found {describe(like.type)}", "like", code="E049")
+    if not 0 <= axis <= t.rank:
+        raise TypeRuleError(f"axis {axis} is out of range for inserting into a tensor of rank {t.rank}", "axis",
+                            code="E049")
+    return AVal(TensorType(t.dtype, t.shape[:axis] + (lt.shape[like_axis],) + t.shape[axis:]))
+
+
+def _reshape_keep(x: AVal, shape: tuple[int, ...], keep: int) -> AVal:
+    t = _tensor(strong(x), "x")
+    if not 0 <= keep <= t.rank:
+        raise TypeRuleError(f"reshape_keep keeps {keep} axes of a tensor of rank {t.rank}", "keep", code="E049")
+    inner = _reshape(AVal(TensorType(t.dtype, t.shape[keep:])), shape)
+    return AVal(TensorType(t.dtype, t.shape[:keep] + inner.type.shape))
+
+
+def _shape_size(x: AVal, start: int, stop: int | None) -> AVal:
+    t = _tensor(strong(x), "x")
+    if not (0 <= start <= t.rank and (stop is None or start <= stop <= t.rank)):
+        raise TypeRuleError(f"axes {start}:{stop} are out of range for a tensor of rank {t.rank}", "start",
+                            code="E049")
+    return AVal(TensorType("int32"))
+
+
+def _squeeze(x: AVal, axis: int) -> AVal:
+    t = _tensor(strong(x), "x")
+    if t.rank == 0:
+        raise TypeRuleError("squeeze needs a tensor of rank 1 or more", "x", code="E049")
+    a = _axis(t.rank, axis)
+    if t.shape[a] not in (1, None):
+        raise TypeRuleError(f"squeeze removes an axis of size 1; axis {axis} of {t} has size {t.shape[a]}", "axis",
+                            code="E056")
+    return AVal(TensorType(t.dtype, t.shape[:a] + t.shape[a + 1:]))
+
+
+def _counter_noise(seed: AVal, like: AVal, kind: str, salt: int | None, keep: int) -> AVal:
+    st, lt = _tensor(strong(seed), "seed"), _tensor(strong(like), "like")
+    _require_dtype(st, INTEGER_DTYPES, "seed", "the seed of counter_noise")
+    if kind not in ("normal", "uniform"):
+        raise TypeRuleError(f"counter_noise draws normal or uniform numbers, not {kind!r}", "kind")
+    if not 0 <= keep <= lt.rank:
+        raise TypeRuleError(f"counter_noise keeps {keep} axes of a tensor of rank {lt.rank}", "keep", code="E049")
+    return AVal(TensorType("float32", st.shape + lt.shape[keep:]))
+
+
+def _gather_batch(x: TensorType, i: TensorType, keep: int, what: str) -> tuple:
+    """The batch shape of index_along and scatter_along: x's `keep` leading axes with i's shape."""
+    _require_dtype(i, INTEGER_DTYPES, "i", f"the index of {what}")
+    if not 0 <= keep < x.rank:
+        raise TypeRuleError(f"{what} indexes axis {keep} of a tensor of rank {x.rank}", "keep", code="E049")
+    batch = broadcast_shapes(x.shape[:keep], i.shape)
+    if batch is None:
+        raise TypeRuleError(f"the index {i} does not broadcast with the leading axes of {x}", "i", code="E044")
+    return batch
+
+
+def _index_along(x: AVal, i: AVal, keep: int) -> AVal:
+    t, it = _tensor(strong(x), "x"), _tensor(strong(i), "i")
+    batch = _gather_batch(t, it, keep, "index_along")
+    return AVal(TensorType(t.dtype, batch + t.shape[keep + 1:]))
+
+
+def _scatter_along(x: AVal, like: AVal, i: AVal, keep: int) -> AVal:
+    t, lt, it = _tensor(strong(x), "x"), _tensor(strong(like), "like"), _tensor(strong(i), "i")
+    _gather_batch(lt, it, keep, "scatter_along")
+    return AVal(TensorType(t.dtype, lt.shape))
+
+
+def _first_leaf_value(value) -> np.ndarray:
+    if isinstance(value, Struct):
+        return _first_leaf_value(value.values[0])
+    if isinstance(value, list):
+        if not value:
+            raise FedlangRuntimeError("cannot tell the number of clients from an empty sequence "
+                                      "(vectorize with ragged=True: per-client lengths carry it)")
+        return _first_leaf_value(value[0])
+    return _a(value)
+
+
+def _np_broadcast_leading(x, like, axis=0, like_axis=0):
+    x = _a(x)
+    size = _first_leaf_value(like).shape[like_axis]
+    return np.broadcast_to(np.expand_dims(x, axis), x.shape[:axis] + (size,) + x.shape[axis:]).copy()
+
+
+def _np_reshape_keep(x, shape, keep):
+    x = _a(x)
+    size = int(np.prod(x.shape[keep:], dtype=np.int64))
+    shape = tuple(shape)
+    if -1 in shape:
+        fixed = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+        inferred = size // fixed if fixed else 0
+        shape = tuple(inferred if d == -1 else d for d in shape)
+    return np.reshape(x, x.shape[:keep] + shape)
+
+
+def _np_shape_size(x, start=0, stop=None):
+    return np.asarray(int(np.prod(np.shape(x)[start:stop], dtype=np.int64)), np.int32)
+
+
+def _np_squeeze(x, axis):
+    return np.squeeze(_a(x), axis)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _counter_uniform_many(seeds: np.ndarray, shape: tuple, stream: int, salt: int | None) -> np.ndarray:
+    """counter_uniform(shape, s, stream) for every seed s of `seeds` (stacked in front);
+    with `salt` k the seed is s * 1000003 + k (random_normal_like's k-th leaf). Seeds
+    enter modulo 2**32, as they do in counter_uniform."""
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    mask = np.uint64(_MASK32)
+    with np.errstate(over="ignore"):
+        s = seeds.astype(np.int64).astype(np.uint64) & mask
+        if salt is not None:
+            s = (s * np.uint64(1000003) + np.uint64(salt)) & mask
+        key = _hash32((s * np.uint64(0x9E3779B1) + np.uint64(stream * 0x632BE5AB)) & mask)
+        bits = _hash32((np.arange(n, dtype=np.uint64) + key.astype(np.uint64)[..., None]) & mask)
+    return ((bits >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)).reshape(seeds.shape + tuple(shape))
+
+
+def _np_counter_noise(seed, like, kind, salt=None, keep=0):
+    """counter_normal / counter_uniform of like's trailing shape, one draw per seed."""
+    seeds, shape = _a(seed), tuple(np.shape(like)[keep:])
+    if kind == "uniform":
+        return _counter_uniform_many(seeds, shape, 0, salt)
+    u1 = _counter_uniform_many(seeds, shape, 1, salt)
+    u2 = _counter_uniform_many(seeds, shape, 2, salt)
+    radius = np.sqrt(np.float32(-2.0) * np.log(np.float32(1.0) - u1))
+    return (radius * np.cos(np.float32(2.0 * np.pi) * u2)).astype(np.float32)
+
+
+def _gather_indices(batch: tuple, lead_shape: tuple, i: np.ndarray, size: int) -> tuple:
+    """Index arrays (broadcast to `batch`) into a tensor whose leading axes are `lead_shape`
+    (right-aligned in `batch`, size-1 axes broadcast) and whose next axis (of `size`) `i` picks."""
+    if i.size and (int(i.min()) < 0 or int(i.max()) >= size):
+        bad = int(i.min()) if int(i.min()) < 0 else int(i.max())
+        raise FedlangRuntimeError(f"index {bad} is out of range for a first axis of size {size}")
+    offset = len(batch) - len(lead_shape)
+    index = []
+    for j, d in enumerate(lead_shape):
+        axis_shape = [1] * len(batch)
+        axis_shape[offset + j] = d
+        grid = np.arange(d).reshape(axis_shape) if d != 1 else np.zeros([1] * len(batch), np.int64)
+        index.append(np.broadcast_to(grid, batch))
+    return tuple(index) + (np.broadcast_to(i, batch),)
+
+
+def _np_index_along(x, i, keep):
+    """x[b.., i[b..]] for every b of the leading axes (x's first `keep`, broadcast with i's)."""
+    x, i = _a(x), _a(i)
+    batch = tuple(np.broadcast_shapes(x.shape[:keep], i.shape))
+    return np.array(x[_gather_indices(batch, x.shape[:keep], i, x.shape[keep])])
+
+
+def _np_scatter_along(x, like, i, keep):
+    """Zeros shaped like `like`, with x[b..] added at row i[b..] of b's leading axes: the
+    cotangent of index_along (rows picked twice get the sum)."""
+    x, i, shape = _a(x), _a(i), np.shape(like)
+    batch = tuple(np.broadcast_shapes(shape[:keep], i.shape))
+    out = np.zeros(shape, x.dtype)
+    np.add.at(out, _gather_indices(batch, shape[:keep], i, shape[keep]),
+              np.broadcast_to(x, batch + tuple(shape[keep + 1:])))
+    return out
+
+
+def _vjp_broadcast_leading(emit, out, node, ct, wants):
+    return emit("sum", ct, axis=node.attr("axis")), None
+
+
+def _vjp_reshape_keep(emit, out, node, ct, wants):
+    return (emit("reshape_like", ct, node.inputs[0]),)
+
+
+def _vjp_squeeze(emit, out, node, ct, wants):
+    return (emit("expand_dims", ct, axis=node.attr("axis")),)
+
+
+def _vjp_index_along(emit, out, node, ct, wants):
+    x, i = node.inputs
+    return emit("scatter_along", ct, x, i, keep=node.attr("keep")), None
+
+
+def _vjp_scatter_along(emit, out, node, ct, wants):
+    x, like, i = node.inputs
+    return _when(wants[0], lambda: emit("index_along", ct, i, keep=node.attr("keep"))), None, None
+
+
+# ---- batching rules (vectorizing over clients, in IR ops) ----------------------------------
+#
+# `batch(emit, node, inputs, batched) -> node id | (node id, state)` rewrites one node of
+# a function being vectorized (fedlang.ir.batching.vectorize) when some of its inputs are
+# batched: they carry a leading client axis C, one slice per client. `node` is the
+# original node (its static attributes, its unbatched type); `inputs` are the ids of its
+# inputs in the function being built; `batched[i]` says whether input i is batched: a
+# bool for a tensor, and for a struct, a sequence or a function value its batching
+# state (fedlang.ir.batching: a tuple with one state per struct field, a SeqBatch for a
+# sequence: batched elements and maybe per-client lengths). An unbatched input is the
+# same for every client.
+# The rule returns a node that computes, for every client c, what `node` computes from
+# client c's inputs: stacked along a leading axis when the rule returns a plain id,
+# else batched as the returned state says (False: the same for every client, so not
+# stacked: size, count without lengths, noise that depends on shapes only).
+# `emit` is fedlang.ir.batching.BatchEmitter, an autodiff Emitter (`emit(prim, *inputs,
+# **statics)` adds a node typed by the type rule; a Python float is a weak literal) with
+# services for the rules: `same(node, inputs, **statics)` (the node's op again, on new
+# inputs), `unbatched_rank`, `align(x, batched, rank)` (axes after the client axis, so
+# that NumPy's right-aligned broadcasting pairs client with client: a batched scalar [C]
+# meeting an unbatched [n] becomes [C,1]), `broadcast(x)` (give an unbatched value the
+# client axis), `leafwise` (split struct operands, one node per leaf), `float32`, and the
+# structural and loop services (`bound`, `closure`, `call`, `cond`, `loop`, ...).
+
+def _shifted(axis: int, rank: int) -> int:
+    """Axis `axis` of an unbatched tensor of rank `rank`, as an axis of its batched form."""
+    return axis % rank + 1
+
+
+def _batch_elementwise(emit, node, inputs, batched):
+    """Broadcasting ops (operators, maximum, minimum, where, unary ops), leaf-wise on structs."""
+    return emit.leafwise(node, inputs, batched, _batch_aligned)
+
+
+def _batch_aligned(emit, node, inputs, batched):
+    rank = max(emit.unbatched_rank(x, b) for x, b in zip(inputs, batched))
+    return emit.same(node, [emit.align(x, b, rank) for x, b in zip(inputs, batched)])
+
+
+def _batch_same(emit, node, inputs, batched):
+    """The op maps each slice along a new leading axis to its result (one_hot, matrix_transpose)."""
+    return emit.same(node, inputs)
+
+
+def _batch_all(emit, node, inputs, batched):
+    """Operands that share their leading axes (labels and logits): batch every operand."""
+    return emit.same(node, [x if b else emit.broadcast(x) for x, b in zip(inputs, batched)])
+
+
+def _batch_like(emit, node, inputs, batched):
+    """zeros_like, ones_like: leaf by leaf, batched where the input is."""
+    return emit.same(node, inputs), batched[0]
+
+
+def _batch_clip(emit, node, inputs, batched):
+    return emit.leafwise(node, inputs, batched, _batch_clip_tensor)
+
+
+def _batch_clip_tensor(emit, node, inputs, batched):
+    x, lo, hi = inputs
+    if not (batched[1] or batched[2]):
+        return emit.same(node, inputs)
+    # per-client bounds: clip(x, lo, hi) = minimum(maximum(x, lo), hi), NumPy's definition
+    rank = emit.unbatched_rank(x, batched[0])
+    lo, hi = emit.align(lo, batched[1], rank), emit.align(hi, batched[2], rank)
+    return emit("minimum", emit("maximum", x, lo), hi)
+
+
+def _batch_matmul(emit, node, inputs, batched):
+    # vectors become a row [1,k] (a) and a column [k,1] (b); the batched operands get their
+    # matrix stacks aligned after the client axis; the added row and column go at the end
+    (a, b), (ba, bb) = inputs, batched
+    ra, rb = emit.unbatched_rank(a, ba), emit.unbatched_rank(b, bb)
+    if ra == 1:
+        a = emit("expand_dims", a, axis=-2)
+    if rb == 1:
+        b = emit("expand_dims", b, axis=-1)
+    stack = max(ra, rb, 2)
+    out = emit("matmul", emit.align(a, ba, stack), emit.align(b, bb, stack))
+    if rb == 1:
+        out = emit("squeeze", out, axis=-1)
+    if ra == 1:
+        out = emit("squeeze", out, axis=-1 if rb == 1 else -2)
+    return out
+
+
+def _batch_axis(emit, node, inputs, batched):
+    """Ops along one axis (softmax, argmax, squeeze, a reduction over an axis): shift it."""
+    (x,) = inputs
+    return emit.same(node, [x], axis=_shifted(node.attr("axis"), emit.unbatched_rank(x, True)))
+
+
+def _batch_reduction(emit, node, inputs, batched):
+    """sum, mean, max, min: axis=None reduces every axis but the client axis."""
+    if node.attr("axis") is not None:
+        return _batch_axis(emit, node, inputs, batched)
+    return emit.same(node, [emit("reshape_keep", inputs[0], shape=(-1,), keep=1)], axis=1)
+
+
+def _batch_expand_dims(emit, node, inputs, batched):
+    (x,) = inputs
+    return emit.same(node, [x], axis=_shifted(node.attr("axis"), emit.unbatched_rank(x, True) + 1))
+
+
+def _batch_reshape(emit, node, inputs, batched):
+    return emit("reshape_keep", inputs[0], shape=node.attr("shape"), keep=1)
+
+
+def _batch_reshape_keep(emit, node, inputs, batched):
+    return emit.same(node, inputs, keep=node.attr("keep") + 1)
+
+
+def _batch_size(emit, node, inputs, batched):
+    # every client's slice has the same shape: one size for all
+    return emit("shape_size", inputs[0], start=1, stop=None), False
+
+
+def _batch_shape_size(emit, node, inputs, batched):
+    stop = node.attr("stop")
+    return emit.same(node, inputs, start=node.attr("start") + 1, stop=None if stop is None else stop + 1), False
+
+
+def _batch_global_norm(emit, node, inputs, batched):
+    # sqrt(sum over leaves of sum(square(leaf))), leaves added in order as the impl does
+    total = None
+    for leaf, b in emit.leaves_with_states(inputs[0], batched[0]):
+        if b:
+            part = emit("sum", emit("square", emit("reshape_keep", leaf, shape=(-1,), keep=1)), axis=1)
+        else:
+            part = emit("sum", emit("square", leaf))
+        total = part if total is None else emit("add", total, part)
+    return emit("sqrt", total)
+
+
+def _batch_random_normal(emit, node, inputs, batched):
+    # random_normal(shape, s, seed) = N(seed) * float32(s); N drawn per client seed
+    (stddev, seed), (b_stddev, _) = inputs, batched
+    shape = node.attr("shape")
+    noise = emit("counter_noise", seed, emit("zeros", shape=shape), kind="normal", salt=None, keep=0)
+    return emit("mul", noise, emit.align(emit.float32(stddev), b_stddev, len(shape)))
+
+
+def _batch_random_uniform(emit, node, inputs, batched):
+    # float32(lo) + (float32(hi) - float32(lo)) * U(seed)
+    (lo, hi, seed), (b_lo, b_hi, _) = inputs, batched
+    shape = node.attr("shape")
+    u = emit("counter_noise", seed, emit("zeros", shape=shape), kind="uniform", salt=None, keep=0)
+    lo = emit.align(emit.float32(lo), b_lo, len(shape))
+    hi = emit.align(emit.float32(hi), b_hi, len(shape))
+    return emit("add", lo, emit("mul", emit("sub", hi, lo), u))
+
+
+def _batch_random_normal_like(emit, node, inputs, batched):
+    # leaf k: N(seed * 1000003 + k) of the leaf's shape * float32(s), in the leaf's dtype;
+    # the values of x do not matter, so a leaf is batched only where s or the seed is
+    (x, stddev, seed), (b_x, b_stddev, b_seed) = inputs, batched
+    leaves_ = []
+    for k, (leaf, b_leaf) in enumerate(emit.leaves_with_states(x, b_x)):
+        noise = emit("counter_noise", seed, leaf, kind="normal", salt=k, keep=1 if b_leaf else 0)
+        value = emit("mul", noise, emit.align(emit.float32(stddev), b_stddev, emit.unbatched_rank(leaf, b_leaf)))
+        dtype = emit.type(leaf).dtype
+        leaves_.append((value if dtype == "float32" else emit("cast", value, dtype=dtype), b_stddev or b_seed))
+    return emit.rebuild(x, leaves_)
+
+
+def _batch_broadcast_to(emit, node, inputs, batched):
+    (x, like), (b_x, b_like) = inputs, batched
+    if not b_like:               # each client's result has like's shape: give it the client axis
+        like = emit.broadcast(like)
+    return emit.same(node, [emit.align(x, b_x, emit.unbatched_rank(like, True)), like])
+
+
+def _batch_unbroadcast(emit, node, inputs, batched):
+    (x, like), (b_x, b_like) = inputs, batched
+    x = x if b_x else emit.broadcast(x)
+    like = like if b_like else emit.broadcast(like)
+    # sum the axes NumPy broadcasting added (right after the client axis), then the rest
+    rank, target = emit.unbatched_rank(x, True), emit.unbatched_rank(like, True)
+    for _ in range(rank - target):
+        x = emit("sum", x, axis=1)
+    return emit.same(node, [emit.align(x, True, target), like])
+
+
+def _batch_reshape_like(emit, node, inputs, batched):
+    (x, like), (b_x, b_like) = inputs, batched
+    shape = emit.type(like).shape
+    if b_x and not b_like and None not in shape:
+        return emit("reshape_keep", x, shape=shape, keep=1)
+    return emit.same(node, [x if b_x else emit.broadcast(x), like if b_like else emit.broadcast(like)])
+
+
+def _batch_one_hot_like(emit, node, inputs, batched):
+    (i, like), (b_i, b_like) = inputs, batched
+    t = emit.type(like)
+    if b_i and not b_like and t.shape[-1] is not None:
+        out = emit("one_hot", i, depth=t.shape[-1])
+        return out if t.dtype == "float32" else emit("cast", out, dtype=t.dtype)
+    return _batch_all(emit, node, inputs, batched)
+
+
+def _batch_index(emit, node, inputs, batched):
+    """x[i] picks, per client, a row of the client's x with the client's i."""
+    return _index_batched(emit, *inputs, *batched, keep=0)
+
+
+def _batch_index_along(emit, node, inputs, batched):
+    return _index_batched(emit, *inputs, *batched, keep=node.attr("keep"))
+
+
+def _index_batched(emit, x, i, b_x, b_i, keep):
+    rank = max(keep, emit.unbatched_rank(i, b_i))      # the result's leading (batch) axes, per client
+    if b_x:
+        x = emit.align(x, True, emit.unbatched_rank(x, True) + rank - keep)
+        keep = rank + 1
+    return emit("index_along", x, emit.align(i, b_i, rank), keep=keep)
+
+
+def _batch_scatter_row(emit, node, inputs, batched):
+    return _scatter_batched(emit, *inputs, *batched, keep=0)
+
+
+def _batch_scatter_along(emit, node, inputs, batched):
+    return _scatter_batched(emit, *inputs, *batched, keep=node.attr("keep"))
+
+
+def _scatter_batched(emit, x, like, i, b_x, b_like, b_i, keep):
+    # like lends its shape; every client's result has it, so like gets the client axis;
+    # axes i has beyond like's `keep` are summed into size-1 axes of like, removed after
+    like = like if b_like else emit.broadcast(like)
+    rank = max(keep, emit.unbatched_rank(i, b_i))
+    row_rank = emit.unbatched_rank(like, True) - keep - 1
+    padded = emit.align(like, True, emit.unbatched_rank(like, True) + rank - keep)
+    out = emit("scatter_along", emit.align(x, b_x, rank + row_rank), padded, emit.align(i, b_i, rank),
+               keep=rank + 1)
+    for _ in range(rank - keep):
+        out = emit("squeeze", out, axis=1)
+    return out
+
+
+def _batch_broadcast_leading(emit, node, inputs, batched):
+    # the size comes from like's slice when like is batched: the same for every client
+    (x, like), (b_x, b_like) = inputs, batched
+    out = emit.same(node, inputs, axis=node.attr("axis") + (1 if b_x else 0),
+                    like_axis=node.attr("like_axis") + (1 if emit.is_batched(b_like) else 0))
+    return out if b_x else (out, False)
+
+
+def _batch_counter_noise(emit, node, inputs, batched):
+    # the numbers depend on the seed and on like's shape only
+    (seed, like), (b_seed, b_like) = inputs, batched
+    out = emit.same(node, inputs, keep=node.attr("keep") + (1 if b_like else 0))
+    return out if b_seed else (out, False)
+
+
+# structural nodes and loops: services of the vectorizer (fedlang.ir.batching.BatchEmitter)
+
+def _batch_binding(emit, node, inputs, batched):
+    """param, capture: the value the vectorizer bound to it (batched or not)."""
+    return emit.bound(node)
+
+
+def _batch_leaf(emit, node, inputs, batched):
+    """A node without value inputs (global, const, zeros, ones) is the same for every client."""
+    return emit.copy(node, inputs), False
+
+
+def _batch_expanded(emit, node, inputs, batched):
+    return emit.fail(f"{node.prim.name} is expanded by the IR builder; it never reaches vectorization")
+
+
+def _batch_struct(emit, node, inputs, batched):
+    t = StructType(tuple((n, emit.type(i)) for n, i in zip(node.type.names, inputs)))
+    return emit.struct(list(inputs), t), tuple(batched)
+
+
+def _batch_select(emit, node, inputs, batched):
+    k = node.attr("index")
+    return emit.select(inputs[0], k), emit.field_state(batched[0], k)
+
+
+def _batch_closure(emit, node, inputs, batched):
+    return emit.closure(node, inputs, batched)
+
+
+def _batch_call(emit, node, inputs, batched):
+    return emit.call(node, inputs, batched)
+
+
+def _batch_cond(emit, node, inputs, batched):
+    return emit.cond(node, inputs, batched)
+
+
+def _batch_reduce(emit, node, inputs, batched):
+    return emit.loop("reduce", node, inputs, batched)
+
+
+def _batch_scan(emit, node, inputs, batched):
+    return emit.loop("scan", node, inputs, batched)
+
+
+def _batch_map(emit, node, inputs, batched):
+    return emit.loop("map", node, inputs, batched)
+
+
+def _batch_zip_seq(emit, node, inputs, batched):
+    return emit.zip(node, inputs, batched)
+
+
+def _batch_count(emit, node, inputs, batched):
+    return emit.count(node, inputs, batched)
+
+
+def _batch_num_examples(emit, node, inputs, batched):
+    return emit.num_examples(node, inputs, batched)
+
+
 # ---- the table -------------------------------------------------------------------------
 
 def _p(*names_kinds) -> tuple[Param, ...]:
@@ -1545,70 +2096,70 @@ _ANY = frozenset({"bool", "string"}) | NUMERIC_DTYPES
 
 _ENTRIES: list[Primitive] = [
     # operators ---------------------------------------------------------------------------
-    Primitive("add", "<T,T> -> T  (numeric, broadcasting, leaf-wise)", _p("x", "y"), _arith("+", _NUMS), _binary_impl(lambda x, y: x + y), operator="+", vjp=_vjp_add),
-    Primitive("sub", "<T,T> -> T", _p("x", "y"), _arith("-", _NUMS), operator="-", impl=_binary_impl(lambda x, y: x - y), vjp=_vjp_sub),
-    Primitive("mul", "<T,T> -> T", _p("x", "y"), _arith("*", _NUMS), operator="*", impl=_binary_impl(lambda x, y: x * y), vjp=_vjp_mul),
-    Primitive("div", "<T,T> -> T  (floating)", _p("x", "y"), _div, operator="/", impl=_binary_impl(_np_divide), vjp=_vjp_div),
-    Primitive("mod", "<T,T> -> T", _p("x", "y"), _arith("%", _NUMS), operator="%", impl=_binary_impl(lambda x, y: x % y), vjp=_vjp_mod),
-    Primitive("pow", "<T,T> -> T", _p("x", "y"), _arith("**", _NUMS), operator="**", impl=_binary_impl(lambda x, y: x ** y), vjp=_vjp_pow),
-    Primitive("neg", "T -> T", _p("x"), _neg, operator="neg", impl=_unary_impl(lambda x: -x), vjp=_vjp_neg),
-    Primitive("eq", "<T,T> -> bool", _p("x", "y"), _compare("==", _ANY), operator="==", impl=_binary_impl(_numpy("equal"))),
-    Primitive("ne", "<T,T> -> bool", _p("x", "y"), _compare("!=", _ANY), operator="!=", impl=_binary_impl(_numpy("not_equal"))),
-    Primitive("lt", "<T,T> -> bool", _p("x", "y"), _compare("<", _NUMS), operator="<", impl=_binary_impl(_numpy("less"))),
-    Primitive("le", "<T,T> -> bool", _p("x", "y"), _compare("<=", _NUMS), operator="<=", impl=_binary_impl(_numpy("less_equal"))),
-    Primitive("gt", "<T,T> -> bool", _p("x", "y"), _compare(">", _NUMS), operator=">", impl=_binary_impl(_numpy("greater"))),
-    Primitive("ge", "<T,T> -> bool", _p("x", "y"), _compare(">=", _NUMS), operator=">=", impl=_binary_impl(_numpy("greater_equal"))),
-    Primitive("logical_and", "<bool,bool> -> bool", _p("x", "y"), _arith("and", _BOOL), operator="and", impl=_binary_impl(_numpy("logical_and"))),
-    Primitive("logical_or", "<bool,bool> -> bool", _p("x", "y"), _arith("or", _BOOL), operator="or", impl=_binary_impl(_numpy("logical_or"))),
-    Primitive("logical_not", "bool -> bool", _p("x"), _not, operator="not", impl=_unary_impl(_numpy("logical_not"))),
+    Primitive("add", "<T,T> -> T  (numeric, broadcasting, leaf-wise)", _p("x", "y"), _arith("+", _NUMS), _binary_impl(lambda x, y: x + y), operator="+", vjp=_vjp_add, batch=_batch_elementwise),
+    Primitive("sub", "<T,T> -> T", _p("x", "y"), _arith("-", _NUMS), operator="-", impl=_binary_impl(lambda x, y: x - y), vjp=_vjp_sub, batch=_batch_elementwise),
+    Primitive("mul", "<T,T> -> T", _p("x", "y"), _arith("*", _NUMS), operator="*", impl=_binary_impl(lambda x, y: x * y), vjp=_vjp_mul, batch=_batch_elementwise),
+    Primitive("div", "<T,T> -> T  (floating)", _p("x", "y"), _div, operator="/", impl=_binary_impl(_np_divide), vjp=_vjp_div, batch=_batch_elementwise),
+    Primitive("mod", "<T,T> -> T", _p("x", "y"), _arith("%", _NUMS), operator="%", impl=_binary_impl(lambda x, y: x % y), vjp=_vjp_mod, batch=_batch_elementwise),
+    Primitive("pow", "<T,T> -> T", _p("x", "y"), _arith("**", _NUMS), operator="**", impl=_binary_impl(lambda x, y: x ** y), vjp=_vjp_pow, batch=_batch_elementwise),
+    Primitive("neg", "T -> T", _p("x"), _neg, operator="neg", impl=_unary_impl(lambda x: -x), vjp=_vjp_neg, batch=_batch_elementwise),
+    Primitive("eq", "<T,T> -> bool", _p("x", "y"), _compare("==", _ANY), operator="==", impl=_binary_impl(_numpy("equal")), batch=_batch_elementwise),
+    Primitive("ne", "<T,T> -> bool", _p("x", "y"), _compare("!=", _ANY), operator="!=", impl=_binary_impl(_numpy("not_equal")), batch=_batch_elementwise),
+    Primitive("lt", "<T,T> -> bool", _p("x", "y"), _compare("<", _NUMS), operator="<", impl=_binary_impl(_numpy("less")), batch=_batch_elementwise),
+    Primitive("le", "<T,T> -> bool", _p("x", "y"), _compare("<=", _NUMS), operator="<=", impl=_binary_impl(_numpy("less_equal")), batch=_batch_elementwise),
+    Primitive("gt", "<T,T> -> bool", _p("x", "y"), _compare(">", _NUMS), operator=">", impl=_binary_impl(_numpy("greater")), batch=_batch_elementwise),
+    Primitive("ge", "<T,T> -> bool", _p("x", "y"), _compare(">=", _NUMS), operator=">=", impl=_binary_impl(_numpy("greater_equal")), batch=_batch_elementwise),
+    Primitive("logical_and", "<bool,bool> -> bool", _p("x", "y"), _arith("and", _BOOL), operator="and", impl=_binary_impl(_numpy("logical_and")), batch=_batch_elementwise),
+    Primitive("logical_or", "<bool,bool> -> bool", _p("x", "y"), _arith("or", _BOOL), operator="or", impl=_binary_impl(_numpy("logical_or")), batch=_batch_elementwise),
+    Primitive("logical_not", "bool -> bool", _p("x"), _not, operator="not", impl=_unary_impl(_numpy("logical_not")), batch=_batch_elementwise),
     # local builtins ----------------------------------------------------------------------
-    Primitive("matmul", "<T[..,m,k],T[..,k,n]> -> T[..,m,n]", _p("a", "b"), _matmul, impl=lambda a, b: np.matmul(a, b), vjp=_vjp_matmul),
-    Primitive("relu", "T -> T  (leaf-wise)", _p("x"), _unary("relu", _NUMS), impl=_unary_impl(_np_relu), vjp=_vjp_relu),
-    Primitive("sigmoid", "T -> T  (floating)", _p("x"), _unary("sigmoid", _FLOATS), impl=_unary_impl(_np_sigmoid), vjp=_vjp_sigmoid),
-    Primitive("tanh", "T -> T  (floating)", _p("x"), _unary("tanh", _FLOATS), impl=_unary_impl(_numpy("tanh")), vjp=_vjp_tanh),
-    Primitive("exp", "T -> T  (floating)", _p("x"), _unary("exp", _FLOATS), impl=_unary_impl(_numpy("exp")), vjp=_vjp_exp),
-    Primitive("log", "T -> T  (floating)", _p("x"), _unary("log", _FLOATS), impl=_unary_impl(_numpy("log")), vjp=_vjp_log),
-    Primitive("sqrt", "T -> T  (floating)", _p("x"), _unary("sqrt", _FLOATS), impl=_unary_impl(_numpy("sqrt")), vjp=_vjp_sqrt),
-    Primitive("abs", "T -> T", _p("x"), _unary("abs", _NUMS), impl=_unary_impl(_numpy("abs")), vjp=_vjp_abs),
-    Primitive("square", "T -> T", _p("x"), _unary("square", _NUMS), impl=_unary_impl(_numpy("square")), vjp=_vjp_square),
-    Primitive("maximum", "<T,T> -> T", _p("x", "y"), _binary("maximum", _NUMS), impl=_binary_impl(_numpy("maximum")), vjp=_vjp_extremum("gt")),
-    Primitive("minimum", "<T,T> -> T", _p("x", "y"), _binary("minimum", _NUMS), impl=_binary_impl(_numpy("minimum")), vjp=_vjp_extremum("lt")),
+    Primitive("matmul", "<T[..,m,k],T[..,k,n]> -> T[..,m,n]", _p("a", "b"), _matmul, impl=lambda a, b: np.matmul(a, b), vjp=_vjp_matmul, batch=_batch_matmul),
+    Primitive("relu", "T -> T  (leaf-wise)", _p("x"), _unary("relu", _NUMS), impl=_unary_impl(_np_relu), vjp=_vjp_relu, batch=_batch_elementwise),
+    Primitive("sigmoid", "T -> T  (floating)", _p("x"), _unary("sigmoid", _FLOATS), impl=_unary_impl(_np_sigmoid), vjp=_vjp_sigmoid, batch=_batch_elementwise),
+    Primitive("tanh", "T -> T  (floating)", _p("x"), _unary("tanh", _FLOATS), impl=_unary_impl(_numpy("tanh")), vjp=_vjp_tanh, batch=_batch_elementwise),
+    Primitive("exp", "T -> T  (floating)", _p("x"), _unary("exp", _FLOATS), impl=_unary_impl(_numpy("exp")), vjp=_vjp_exp, batch=_batch_elementwise),
+    Primitive("log", "T -> T  (floating)", _p("x"), _unary("log", _FLOATS), impl=_unary_impl(_numpy("log")), vjp=_vjp_log, batch=_batch_elementwise),
+    Primitive("sqrt", "T -> T  (floating)", _p("x"), _unary("sqrt", _FLOATS), impl=_unary_impl(_numpy("sqrt")), vjp=_vjp_sqrt, batch=_batch_elementwise),
+    Primitive("abs", "T -> T", _p("x"), _unary("abs", _NUMS), impl=_unary_impl(_numpy("abs")), vjp=_vjp_abs, batch=_batch_elementwise),
+    Primitive("square", "T -> T", _p("x"), _unary("square", _NUMS), impl=_unary_impl(_numpy("square")), vjp=_vjp_square, batch=_batch_elementwise),
+    Primitive("maximum", "<T,T> -> T", _p("x", "y"), _binary("maximum", _NUMS), impl=_binary_impl(_numpy("maximum")), vjp=_vjp_extremum("gt"), batch=_batch_elementwise),
+    Primitive("minimum", "<T,T> -> T", _p("x", "y"), _binary("minimum", _NUMS), impl=_binary_impl(_numpy("minimum")), vjp=_vjp_extremum("lt"), batch=_batch_elementwise),
     Primitive("softmax", "<float[..,n], axis=-1> -> float[..,n]", _p("x", Param("axis", "int", -1)),
-              _softmax("softmax"), impl=_np_softmax, vjp=_vjp_softmax),
+              _softmax("softmax"), impl=_np_softmax, vjp=_vjp_softmax, batch=_batch_axis),
     Primitive("log_softmax", "<float[..,n], axis=-1> -> float[..,n]", _p("x", Param("axis", "int", -1)),
-              _softmax("log_softmax"), impl=_np_log_softmax, vjp=_vjp_log_softmax),
+              _softmax("log_softmax"), impl=_np_log_softmax, vjp=_vjp_log_softmax, batch=_batch_axis),
     Primitive("sparse_softmax_cross_entropy", "<int[S],float[S,n]> -> float[S]", _p("labels", "logits"),
-              _sparse_xent, impl=_np_sparse_xent, vjp=_vjp_sparse_xent),
-    Primitive("sum", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("sum", _NUMS), impl=_reduction_impl(_numpy("sum")), vjp=_vjp_sum),
+              _sparse_xent, impl=_np_sparse_xent, vjp=_vjp_sparse_xent, batch=_batch_all),
+    Primitive("sum", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("sum", _NUMS), impl=_reduction_impl(_numpy("sum")), vjp=_vjp_sum, batch=_batch_reduction),
     Primitive("mean", "<float[..], axis?> -> float[..]", _p("x", Param("axis", "int", None)),
-              _reduction("mean", _FLOATS), impl=_np_mean, vjp=_vjp_mean),
-    Primitive("max", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("max", _NUMS), impl=_reduction_impl(_numpy("max")), vjp=_vjp_extreme_reduction),
-    Primitive("min", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("min", _NUMS), impl=_reduction_impl(_numpy("min")), vjp=_vjp_extreme_reduction),
-    Primitive("argmax", "<T[..], axis> -> int32[..]", _p("x", Param("axis", "int")), _argmax, impl=_np_argmax),
-    Primitive("one_hot", "<int[S], depth> -> float32[S,depth]", _p("i", Param("depth", "int")), _one_hot, impl=_np_one_hot),
-    Primitive("cast", "<T, dtype> -> dtype (leaf-wise)", _p("x", Param("dtype", "dtype")), _cast, impl=_np_cast, vjp=_vjp_cast),
-    Primitive("reshape", "<T[..], [dims]> -> T[dims]", _p("x", Param("shape", "shape")), _reshape, impl=_np_reshape, vjp=_vjp_reshape),
-    Primitive("zeros_like", "T -> T", _p("x"), _like, impl=_np_zeros_like, vjp=_vjp_zero),
-    Primitive("ones_like", "T -> T", _p("x"), _like, impl=_np_ones_like, vjp=_vjp_zero),
-    Primitive("where", "<bool[..],T[..],T[..]> -> T[..]", _p("c", "a", "b"), _where, impl=_np_where, vjp=_vjp_where),
-    Primitive("clip", "<T,lo,hi> -> T", _p("x", "lo", "hi"), _clip, impl=_np_clip, vjp=_vjp_clip),
-    Primitive("global_norm", "<float tensors> -> float", _p("x"), _global_norm, impl=_np_global_norm, vjp=_vjp_global_norm),
-    Primitive("size", "T[..] -> int32", _p("x"), _size, impl=_np_size),
-    Primitive("grad", "(<P,..> -> float) -> (<P,..> -> P)", _p("f"), _grad, impl=None),
-    Primitive("value_and_grad", "(<P,..> -> float) -> (<P,..> -> <float,P>)", _p("f"), _value_and_grad, impl=None),
-    Primitive("reduce", "<T*,U,(<U,T> -> U)> -> U", _p("seq", "init", "f"), _reduce, impl=_np_reduce, vjp=_vjp_reduce),
-    Primitive("map", "<T*,(T -> U)> -> U*", _p("seq", "f"), _map, impl=_np_map, vjp=_vjp_map),
-    Primitive("count", "T* -> int32", _p("seq"), _count, impl=_np_count),
-    Primitive("num_examples", "T[n,..]* -> int32", _p("seq"), _num_examples, impl=_np_num_examples),
+              _reduction("mean", _FLOATS), impl=_np_mean, vjp=_vjp_mean, batch=_batch_reduction),
+    Primitive("max", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("max", _NUMS), impl=_reduction_impl(_numpy("max")), vjp=_vjp_extreme_reduction, batch=_batch_reduction),
+    Primitive("min", "<T[..], axis?> -> T[..]", _p("x", Param("axis", "int", None)), _reduction("min", _NUMS), impl=_reduction_impl(_numpy("min")), vjp=_vjp_extreme_reduction, batch=_batch_reduction),
+    Primitive("argmax", "<T[..], axis> -> int32[..]", _p("x", Param("axis", "int")), _argmax, impl=_np_argmax, batch=_batch_axis),
+    Primitive("one_hot", "<int[S], depth> -> float32[S,depth]", _p("i", Param("depth", "int")), _one_hot, impl=_np_one_hot, batch=_batch_same),
+    Primitive("cast", "<T, dtype> -> dtype (leaf-wise)", _p("x", Param("dtype", "dtype")), _cast, impl=_np_cast, vjp=_vjp_cast, batch=_batch_elementwise),
+    Primitive("reshape", "<T[..], [dims]> -> T[dims]", _p("x", Param("shape", "shape")), _reshape, impl=_np_reshape, vjp=_vjp_reshape, batch=_batch_reshape),
+    Primitive("zeros_like", "T -> T", _p("x"), _like, impl=_np_zeros_like, vjp=_vjp_zero, batch=_batch_like),
+    Primitive("ones_like", "T -> T", _p("x"), _like, impl=_np_ones_like, vjp=_vjp_zero, batch=_batch_like),
+    Primitive("where", "<bool[..],T[..],T[..]> -> T[..]", _p("c", "a", "b"), _where, impl=_np_where, vjp=_vjp_where, batch=_batch_elementwise),
+    Primitive("clip", "<T,lo,hi> -> T", _p("x", "lo", "hi"), _clip, impl=_np_clip, vjp=_vjp_clip, batch=_batch_clip),
+    Primitive("global_norm", "<float tensors> -> float", _p("x"), _global_norm, impl=_np_global_norm, vjp=_vjp_global_norm, batch=_batch_global_norm),
+    Primitive("size", "T[..] -> int32", _p("x"), _size, impl=_np_size, batch=_batch_size),
+    Primitive("grad", "(<P,..> -> float) -> (<P,..> -> P)", _p("f"), _grad, impl=None, batch=_batch_expanded),
+    Primitive("value_and_grad", "(<P,..> -> float) -> (<P,..> -> <float,P>)", _p("f"), _value_and_grad, impl=None, batch=_batch_expanded),
+    Primitive("reduce", "<T*,U,(<U,T> -> U)> -> U", _p("seq", "init", "f"), _reduce, impl=_np_reduce, vjp=_vjp_reduce, batch=_batch_reduce),
+    Primitive("map", "<T*,(T -> U)> -> U*", _p("seq", "f"), _map, impl=_np_map, vjp=_vjp_map, batch=_batch_map),
+    Primitive("count", "T* -> int32", _p("seq"), _count, impl=_np_count, batch=_batch_count),
+    Primitive("num_examples", "T[n,..]* -> int32", _p("seq"), _num_examples, impl=_np_num_examples, batch=_batch_num_examples),
     Primitive("zeros", "<[dims], dtype=float32> -> dtype[dims]",
-              _p(Param("shape", "shape"), Param("dtype", "dtype", "float32")), _filled, impl=_np_filled(0)),
+              _p(Param("shape", "shape"), Param("dtype", "dtype", "float32")), _filled, impl=_np_filled(0), batch=_batch_leaf),
     Primitive("ones", "<[dims], dtype=float32> -> dtype[dims]",
-              _p(Param("shape", "shape"), Param("dtype", "dtype", "float32")), _filled, impl=_np_filled(1)),
+              _p(Param("shape", "shape"), Param("dtype", "dtype", "float32")), _filled, impl=_np_filled(1), batch=_batch_leaf),
     Primitive("random_normal", "<[dims],float,int> -> float32[dims]",
-              _p(Param("shape", "shape"), "stddev", "seed"), _random_normal, impl=_np_random_normal, vjp=_vjp_random_normal),
+              _p(Param("shape", "shape"), "stddev", "seed"), _random_normal, impl=_np_random_normal, vjp=_vjp_random_normal, batch=_batch_random_normal),
     Primitive("random_uniform", "<[dims],float,float,int> -> float32[dims]",
-              _p(Param("shape", "shape"), "lo", "hi", "seed"), _random_uniform, impl=_np_random_uniform, vjp=_vjp_random_uniform),
-    Primitive("random_normal_like", "<T,float,int> -> T", _p("x", "stddev", "seed"), _random_normal_like, impl=_np_random_normal_like, vjp=_vjp_random_normal_like),
+              _p(Param("shape", "shape"), "lo", "hi", "seed"), _random_uniform, impl=_np_random_uniform, vjp=_vjp_random_uniform, batch=_batch_random_uniform),
+    Primitive("random_normal_like", "<T,float,int> -> T", _p("x", "stddev", "seed"), _random_normal_like, impl=_np_random_normal_like, vjp=_vjp_random_normal_like, batch=_batch_random_normal_like),
     # federated intrinsics ---------------------------------------------------------------
     Primitive("federated_value", "<T,P> -> T@P", _p("v", Param("placement", "placement")), _federated_value,
               federated=True, impl=_np_federated_value),
@@ -1637,46 +2188,82 @@ _ENTRIES: list[Primitive] = [
 
 # Structural nodes of the IR (built by the compiler; a program cannot name them).
 _STRUCTURAL = [
-    Primitive("param", "parameter `index` of the function", (Param("index", "int"),), _no_type, callable=False),
-    Primitive("capture", "captured value `index` of a closure", (Param("index", "int"),), _no_type, callable=False),
-    Primitive("global", "the top-level computation `name`", (Param("name", "name"),), _no_type, callable=False),
+    Primitive("param", "parameter `index` of the function", (Param("index", "int"),), _no_type, callable=False, batch=_batch_binding),
+    Primitive("capture", "captured value `index` of a closure", (Param("index", "int"),), _no_type, callable=False, batch=_batch_binding),
+    Primitive("global", "the top-level computation `name`", (Param("name", "name"),), _no_type, callable=False, batch=_batch_leaf),
     Primitive("closure", "<captures..> -> a function value of `function`", (Param("function", "function"),),
-              _no_type, callable=False, vjp=_vjp_closure),
+              _no_type, callable=False, vjp=_vjp_closure, batch=_batch_closure),
     Primitive("const", "a constant `value` (a Python number when weak)", (Param("value", "value"),), _no_type,
-              impl=_np_const, callable=False),
+              impl=_np_const, callable=False, batch=_batch_leaf),
     Primitive("struct", "<T1..Tn> -> <names=T1..Tn>", (Param("names", "names"),), _no_type, impl=_np_struct,
-              callable=False, vjp=_vjp_struct),
+              callable=False, vjp=_vjp_struct, batch=_batch_struct),
     Primitive("select", "<..,T_index,..> -> T_index  (placement kept)", (Param("index", "int"),), _no_type,
-              impl=_np_select, typed_impl=True, callable=False, vjp=_vjp_select),
-    Primitive("index", "<T[n,..],int> -> T[..]", _p("x", "i"), _no_type, impl=_np_index, callable=False, vjp=_vjp_index),
-    Primitive("call", "<(T -> U),T> -> U", _p("f", "args"), _no_type, impl=_np_call, variadic=True, callable=False, vjp=_vjp_call),
-    Primitive("cond", "<bool,T,T> -> T", _p("c", "a", "b"), _no_type, impl=_np_cond, callable=False, vjp=_vjp_cond),
+              impl=_np_select, typed_impl=True, callable=False, vjp=_vjp_select, batch=_batch_select),
+    Primitive("index", "<T[n,..],int> -> T[..]", _p("x", "i"), _no_type, impl=_np_index, callable=False, vjp=_vjp_index, batch=_batch_index),
+    Primitive("call", "<(T -> U),T> -> U", _p("f", "args"), _no_type, impl=_np_call, variadic=True, callable=False, vjp=_vjp_call, batch=_batch_call),
+    Primitive("cond", "<bool,T,T> -> T", _p("c", "a", "b"), _no_type, impl=_np_cond, callable=False, vjp=_vjp_cond, batch=_batch_cond),
 ]
 _ENTRIES += _STRUCTURAL
 
 # Internal nodes of reverse-mode autodiff (fedlang.ir.autodiff; a program cannot name them).
 _AUTODIFF = [
     Primitive("broadcast_to", "<T[..],like[dims]> -> T[dims]", _p("x", "like"), _broadcast_to,
-              impl=_np_broadcast_to, callable=False, vjp=_vjp_broadcast_to),
+              impl=_np_broadcast_to, callable=False, vjp=_vjp_broadcast_to, batch=_batch_broadcast_to),
     Primitive("unbroadcast", "<T[..],like[dims]> -> T[dims]  (sums broadcast dimensions away)", _p("x", "like"),
-              _unbroadcast, impl=_np_unbroadcast, callable=False, vjp=_vjp_unbroadcast),
+              _unbroadcast, impl=_np_unbroadcast, callable=False, vjp=_vjp_unbroadcast, batch=_batch_unbroadcast),
     Primitive("reshape_like", "<T[..],like[dims]> -> T[dims]", _p("x", "like"), _reshape_like,
-              impl=_np_reshape_like, callable=False, vjp=_vjp_reshape_like),
+              impl=_np_reshape_like, callable=False, vjp=_vjp_reshape_like, batch=_batch_reshape_like),
     Primitive("expand_dims", "<T[..], axis> -> T[..,1,..]", _p("x", Param("axis", "int")), _expand_dims,
-              impl=_np_expand_dims, callable=False, vjp=_vjp_expand_dims),
+              impl=_np_expand_dims, callable=False, vjp=_vjp_expand_dims, batch=_batch_expand_dims),
     Primitive("matrix_transpose", "T[..,m,n] -> T[..,n,m]", _p("x"), _matrix_transpose,
-              impl=_np_matrix_transpose, callable=False, vjp=_vjp_matrix_transpose),
+              impl=_np_matrix_transpose, callable=False, vjp=_vjp_matrix_transpose, batch=_batch_same),
     Primitive("one_hot_like", "<int[S],like[S,n]> -> like  (one_hot in like's dtype)", _p("i", "like"),
-              _one_hot_like, impl=_np_one_hot_like, callable=False, vjp=_vjp_zero),
+              _one_hot_like, impl=_np_one_hot_like, callable=False, vjp=_vjp_zero, batch=_batch_one_hot_like),
     Primitive("scatter_row", "<T[..],like[n,..],int> -> T[n,..]  (zeros, row i = x)", _p("x", "like", "i"),
-              _scatter_row, impl=_np_scatter_row, callable=False, vjp=_vjp_scatter_row),
+              _scatter_row, impl=_np_scatter_row, callable=False, vjp=_vjp_scatter_row, batch=_batch_scatter_row),
     Primitive("zip_seq", "<T1*..Tn*> -> <T1..Tn>*", _p("seqs"), _zip_seq, impl=_np_zip_seq, variadic=True,
-              callable=False, vjp=_vjp_zip_seq),
+              callable=False, vjp=_vjp_zip_seq, batch=_batch_zip_seq),
     Primitive("scan", "<T*,U,(<U,T> -> <U,Y>),reverse> -> <U,Y*>",
               _p("seq", "init", "f", Param("reverse", "int", 0)), _scan, impl=_np_scan, callable=False,
-              vjp=_vjp_scan),
+              vjp=_vjp_scan, batch=_batch_scan),
 ]
 _ENTRIES += _AUTODIFF
+
+# Internal nodes of vectorization (fedlang.ir.batching; a program cannot name them).
+_BATCHING = [
+    Primitive("broadcast_leading", "<T[a..,b..],like,axis,like_axis> -> T[a..,n,b..]  (n: like's axis like_axis)",
+              _p("x", "like", Param("axis", "int", 0), Param("like_axis", "int", 0)), _broadcast_leading,
+              impl=_np_broadcast_leading, callable=False, vjp=_vjp_broadcast_leading, batch=_batch_broadcast_leading),
+    Primitive("reshape_keep", "<T[a..,b..],[dims],keep> -> T[a..,dims]  (the first `keep` axes stay)",
+              _p("x", Param("shape", "shape"), Param("keep", "int")), _reshape_keep, impl=_np_reshape_keep,
+              callable=False, vjp=_vjp_reshape_keep, batch=_batch_reshape_keep),
+    Primitive("shape_size", "<T[..],start,stop> -> int32  (the product of dimensions start:stop)",
+              _p("x", Param("start", "int", 0), Param("stop", "int", None)), _shape_size, impl=_np_shape_size,
+              callable=False, vjp=_vjp_zero, batch=_batch_shape_size),
+    Primitive("squeeze", "<T[..,1,..],axis> -> T[..]", _p("x", Param("axis", "int")), _squeeze, impl=_np_squeeze,
+              callable=False, vjp=_vjp_squeeze, batch=_batch_axis),
+    Primitive("counter_noise", "<int[S],like[k..,d..],kind,salt,keep> -> float32[S,d..]  (random_* per seed)",
+              _p("seed", "like", Param("kind", "name"), Param("salt", "int", None), Param("keep", "int", 0)),
+              _counter_noise, impl=_np_counter_noise, callable=False, vjp=_vjp_zero, batch=_batch_counter_noise),
+    Primitive("index_along", "<T[B..,n,R..],int[I..],keep> -> T[B|I..,R..]  (x[b.., i[b..]])",
+              _p("x", "i", Param("keep", "int")), _index_along, impl=_np_index_along, callable=False,
+              vjp=_vjp_index_along, batch=_batch_index_along),
+    Primitive("scatter_along", "<T[B|I..,R..],like[B..,n,R..],int[I..],keep> -> T[B..,n,R..]  (rows added)",
+              _p("x", "like", "i", Param("keep", "int")), _scatter_along, impl=_np_scatter_along, callable=False,
+              vjp=_vjp_scatter_along, batch=_batch_scatter_along),
+]
+_ENTRIES += _BATCHING
+
+# Federated intrinsics have no batching rule: a vectorized client phase runs between
+# them. federated_value, federated_eval and federated_broadcast give it values that are
+# the same for every client (unbatched), federated_map's function is the phase itself,
+# federated_zip pairs its inputs, and the aggregations (sum, mean, min, max, aggregate,
+# secure_sum) consume its stacked results. Every other entry has a batching rule.
+UNBATCHED_INTRINSICS = frozenset({
+    "federated_value", "federated_eval", "federated_broadcast", "federated_map", "federated_apply",
+    "federated_zip", "federated_sum", "federated_mean", "federated_min", "federated_max",
+    "federated_aggregate", "federated_secure_sum",
+})
 
 PRIMITIVES: dict[str, Primitive] = {p.name: p for p in _ENTRIES}
 OPERATORS: dict[str, Primitive] = {p.operator: p for p in _ENTRIES if p.operator}

@@ -203,3 +203,28 @@ def test_random_numbers_are_seeded_and_shaped(tmp_path):
     u = prog.u()
     assert u.min() >= -1.0 and u.max() < 3.0 and abs(u.mean() - 1.0) < 0.15
     assert isinstance(prog.u, fedlang.api.Computation) and not isinstance(u, Struct)
+
+
+def test_literal_calls_fold_or_run_like_any_other(tmp_path):
+    prog = load_source(tmp_path, """
+        fn a() -> float32 = clip(2.0, 1.5, 2.0)
+        fn b() -> int32 = 7 % 0
+        fn c(x: float64[2]) -> float64 = where(x[0] > 0.0, x[0], x[1])
+    """)
+    assert prog.a() == 2.0
+    assert prog.b() == 0                       # integer modulo by zero is 0, as NumPy and TF's floormod give
+    out = prog.interpreter.call("c", [np.array([1.0, 2.0])], 0)
+    assert out.dtype == np.float64 and float(out) == 1.0
+
+
+def test_runtime_errors_name_the_place(tmp_path):
+    prog = load_source(tmp_path, """
+        fn pick(x: float32[3], i: int32) -> float32 = x[i]
+        fn xent(y: int32[1], logits: float32[1,3]) -> float32 = sum(sparse_softmax_cross_entropy(y, logits))
+    """)
+    from fedlang.ir.primitives import FedlangRuntimeError
+
+    with pytest.raises(FedlangRuntimeError, match=r"prog.fed:2:\d+: index 5 is out of range"):
+        prog.pick([1.0, 2.0, 3.0], 5)
+    with pytest.raises(FedlangRuntimeError, match="sparse_softmax_cross_entropy failed"):
+        prog.xent([7], [[0.0, 1.0, 2.0]])

@@ -557,12 +557,11 @@ def built_or_reject(result) -> Program:
     return program
 
 
-@pytest.mark.xfail(strict=True, reason="ir/build.py: a struct literal re-typed to an expected struct type "
-                                       "keeps names=(None, ...) while its type names the fields")
 def test_struct_literal_retyped_to_a_named_result_keeps_the_names():
     program = build("fn f() -> <a=float32,float32,bool> = (0, 0, true)")
     result = Interpreter(program).call("f", [], 0)
     assert result.names == ("a", None, None)
+
 
 def _generated_strategy():
     try:
