@@ -57,3 +57,9 @@ def test_readme_python_api_claims():
     assert result.ok
     assert str(result.types()["mean_temperature"]) == "({float32}@CLIENTS -> float32@SERVER)"
     assert str(fedlang.types.parse("{float32}@CLIENTS")) == "{float32}@CLIENTS"
+
+
+def test_readme_reference_interpreter_claims():
+    prog = fedlang.load(str(ROOT / "examples" / "mean_temperature.fed"))
+    assert prog.mean_temperature([20.0, 22.5, 19.0]) == 20.5
+    assert "prog.mean_temperature([20.0, 22.5, 19.0])           # 20.5" in README
