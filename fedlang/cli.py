@@ -102,7 +102,8 @@ def _check(files: list[str], fmt: str) -> int:
     return EXIT_OK
 
 
-def _types(file: str) -> int:
+def _checked(file: str):
+    """Check one file, printing its diagnostics; the result, or None when it has errors."""
     from fedlang.api import check
 
     result = check(file)
@@ -110,6 +111,13 @@ def _types(file: str) -> int:
         print(result.render() + "\n", file=sys.stderr)
     if not result.ok:
         print(f"fedlang: {_plural(len(result.errors), 'error')} in 1 file", file=sys.stderr)
+        return None
+    return result
+
+
+def _types(file: str) -> int:
+    result = _checked(file)
+    if result is None:
         return EXIT_ERRORS
     for kind, name, t in result.module().declarations:
         if kind == "type":
@@ -129,13 +137,10 @@ def _compile(file: str, emit: str | None, optimize: bool, output: str | None) ->
         print("fedlang compile: writing an executable plan (-o without --emit) is not supported yet; "
               "use --emit ir|dot|phases|png|svg to see what the compiler makes", file=sys.stderr)
         return EXIT_USAGE
-    from fedlang.api import check, compile_ir
+    from fedlang.api import compile_ir
 
-    result = check(file)
-    if result.diagnostics:
-        print(result.render() + "\n", file=sys.stderr)
-    if not result.ok:
-        print(f"fedlang: {_plural(len(result.errors), 'error')} in 1 file", file=sys.stderr)
+    result = _checked(file)
+    if result is None:
         return EXIT_ERRORS
 
     from fedlang.ir.graph import format_program, to_dot
