@@ -344,10 +344,16 @@ class _ExprBuilder:
     def coerce(self, nid: int, t: Type) -> int:
         """Make a weak constant a typed one where a type is expected (also the
         literal fields of a struct literal: `(s = 0.0, n = 0)` as `<s=float64,n=int32>`)."""
-        if nid in self.literals and isinstance(t, StructType) and self.f.node(nid).type != t:
-            node = self.f.node(nid)
+        node = self.f.node(nid)
+        if nid in self.literals and isinstance(t, StructType) and node.type != t:
             fields = [self.coerce(f, ft) for f, ft in zip(self.literals[nid], t.types)]
             return self.add("struct", fields, t, node.span, names=t.names)
+        if isinstance(t, StructType) and isinstance(node.type, StructType) and node.type.names != t.names:
+            # `(x, y)` where `<a=..,b=..>` is expected: the value takes the expected names too.
+            fields = [self.coerce(self.add("select", [nid], ft_given, node.span, index=i), ft)
+                      for i, (ft_given, ft) in enumerate(zip(node.type.types, t.types))]
+            return self.add("struct", fields, StructType(tuple(zip(t.names, (self.f.node(f).type for f in fields)))),
+                            node.span, names=t.names)
         value = self._weak_value(nid)
         if value is None:
             return nid

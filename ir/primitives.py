@@ -862,7 +862,9 @@ def _np_where(c, a, b):
     if dtype is None:                    # two literals: float32 if either is a float, else int32
         dtype = np.dtype(np.float32 if isinstance(a, float) or isinstance(b, float) else np.int32)
     out = np.where(c, a, b)
-    return _a(out).astype(dtype) if dtype is not None else _a(out)
+    if dtype.kind in "US":               # strings: keep NumPy's common width, never truncate
+        return _a(out)
+    return _a(out).astype(dtype)
 
 
 def _np_clip(x, lo, hi):
