@@ -66,7 +66,8 @@ def check_source(text: str, file: str = "<input>.fed") -> CheckResult:
 def _gc_paused():
     """Checking allocates many small, acyclic objects (tokens, AST nodes); Python's
     cyclic collector would rescan them again and again (half the time of a
-    10,000-line check). Reference counting frees them all the same."""
+    10,000-line check). Reference counting frees them all the same. Building the
+    IR is alike (IR nodes and their graphs, while the checked program is alive)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -131,14 +132,15 @@ def compile_ir(result: CheckResult, optimize: bool = True):
     for key, loaded in result.program.modules.items():
         imports = {alias: prefixes[target] for alias, target in loaded.imports.items()}
         items.append((result.checked[key], imports, prefixes[key]))
-    try:
-        program = build_program(items)
-    except FedlangError as error:              # a diagnostic found while building IR: show the source
-        raise FedlangError(error.diagnostics, result.sources) from None
-    if optimize:
-        from fedlang.ir.passes import optimize as run_passes
+    with _gc_paused():                         # (as for checking: many small objects, few cycles)
+        try:
+            program = build_program(items)
+        except FedlangError as error:          # a diagnostic found while building IR: show the source
+            raise FedlangError(error.diagnostics, result.sources) from None
+        if optimize:
+            from fedlang.ir.passes import optimize as run_passes
 
-        program = run_passes(program)
+            program = run_passes(program)
     return program
 
 

@@ -31,8 +31,9 @@ is written once: the passes that are not rule sets (cse, dce) use it too.
 
 from __future__ import annotations
 
+import contextlib
 import enum
-import heapq
+import gc
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,7 +44,8 @@ import numpy as np
 
 from fedlang.diagnostics import InternalCompilerError
 from fedlang.ir.avals import AVal, function_parameters
-from fedlang.ir.graph import Function, Node, Program, format_program, prim
+from fedlang.ir.graph import (ORDER_KEY, Function, Node, Program, attach, cached, cached_order, format_program,
+                              graph_from, next_id, positions, prim, topological_order)
 from fedlang.ir.types import FederatedType, FunctionType, Placement, StructType, TensorType, Type, leaves
 from fedlang.ir.values import Struct
 
@@ -56,12 +58,48 @@ _MAX_SWEEPS = 10_000       # a rule set that has not converged by then is a bug
 
 def copy_function(function: Function) -> Function:
     """A deep copy: a new graph and new nested functions; node payloads (frozen) are shared."""
-    graph = nx.DiGraph()
-    graph.add_nodes_from((nid, {"node": _copy_nested(data["node"])}) for nid, data in function.graph.nodes(data=True))
-    graph.add_edges_from((source, target, {"positions": list(data["positions"])})
-                         for source, target, data in function.graph.edges(data=True))
     return Function(function.name, function.params, function.result_type, function.federated,
-                    function.captures, graph, function.result, function.span)
+                    function.captures, _copy_graph(function.graph), function.result, function.span)
+
+
+def _copy_graph(graph: nx.DiGraph) -> nx.DiGraph:
+    """A copy of a function's graph, the functions of its closure nodes copied too: what
+    add_nodes_from / add_edges_from build (the nodes, then every edge with its `positions`, a
+    tuple), written on networkx's dicts directly (passes copy every function they change).
+    The copy keeps the facts cached for the graph that hold for it too."""
+    if type(graph) is not nx.DiGraph:
+        out = nx.DiGraph()
+        out.add_nodes_from((nid, {"node": _copy_nested(data["node"])}) for nid, data in graph.nodes(data=True))
+        out.add_edges_from((source, target, {"positions": positions(data["positions"])})
+                           for source, target, data in graph.edges(data=True))
+        return out
+    out = nx.DiGraph()
+    payload, succ, pred = out._node, out._succ, out._pred
+    copies: list[Function] = []
+    for nid, data in graph._node.items():
+        node = data["node"]
+        if node.prim.name == "closure":
+            node = _copy_nested(node)
+            copies.extend(nested(node))
+        payload[nid] = {"node": node}
+        succ[nid] = {}
+        pred[nid] = {}
+    for source, users in graph._succ.items():
+        if users:
+            mine = succ[source]
+            for target, data in users.items():
+                data = {"positions": positions(data["positions"])}
+                mine[target] = data
+                pred[target][source] = data
+    cache, old = getattr(out, "__networkx_cache__", None), getattr(graph, "__networkx_cache__", None)
+    if cache is not None and old is not None:
+        order = old.get(ORDER_KEY)
+        if order is not None:
+            cache[ORDER_KEY] = list(order)
+        index = old.get(_INDEX)
+        if index is not None:               # the same, but for the copies of the nested functions
+            cache[_INDEX] = _Index(tuple(copies), index.globals, index.prims)
+    return out
 
 
 def _copy_nested(node: Node) -> Node:
@@ -83,34 +121,17 @@ def nested(node: Node) -> list[Function]:
 
 
 def order(function: Function) -> list[int]:
-    """Node ids in dependency order, ties by id: the order of Function.order(), computed faster
-    (the ids themselves when every edge goes from a smaller id to a larger one, as after `renumber`)."""
-    graph = function.graph
-    if all(source < target for source, target in graph.edges):
-        return sorted(graph)
-    waiting = {nid: len(set(node.inputs)) for nid, node in graph.nodes(data="node")}
-    users: dict[int, list[int]] = {}
-    for nid, node in graph.nodes(data="node"):
-        for source in set(node.inputs):
-            users.setdefault(source, []).append(nid)
-    ready = [nid for nid, count in waiting.items() if count == 0]
-    heapq.heapify(ready)
-    out = []
-    while ready:
-        nid = heapq.heappop(ready)
-        out.append(nid)
-        for user in users.get(nid, ()):
-            waiting[user] -= 1
-            if waiting[user] == 0:
-                heapq.heappush(ready, user)
-    if len(out) != len(waiting):
-        raise InternalCompilerError(f"{function.name}: the graph has a cycle")
-    return out
+    """Node ids in dependency order, ties by id: Function.order() (cached until the graph changes;
+    the ids themselves when every edge goes from a smaller id to a larger one, as after `renumber`)."""
+    try:
+        return topological_order(function.graph)
+    except nx.NetworkXUnfeasible:
+        raise InternalCompilerError(f"{function.name}: the graph has a cycle") from None
 
 
 def size(function: Function) -> int:
     """Nodes, nested functions included (Function.size() without ordering the nodes)."""
-    return sum(1 + sum(size(inner) for inner in nested(data["node"])) for _, data in function.graph.nodes(data=True))
+    return len(function.graph) + sum(size(inner) for inner in _nested_functions(function.graph))
 
 
 def all_functions(program: Program) -> Iterator[Function]:
@@ -121,20 +142,74 @@ def all_functions(program: Program) -> Iterator[Function]:
 
 def postorder(function: Function) -> Iterator[Function]:
     """The functions nested in `function` (innermost first), then `function`."""
-    for _, node in list(function.graph.nodes(data="node")):
-        for inner in nested(node):
-            yield from postorder(inner)
-    yield function
+    out: list[Function] = []
+    _postorder(function, out)
+    return iter(out)
+
+
+def _postorder(function: Function, out: list[Function]) -> None:
+    for inner in _nested_functions(function.graph):
+        _postorder(inner, out)
+    out.append(function)
+
+
+_INDEX = "fedlang.passes.index"
+
+
+@dataclass(frozen=True)
+class _Index:
+    """What the walker asks of every function again and again, found in one look at its nodes
+    and kept as a cached fact of its graph (see graph.cached): the functions of its closure
+    nodes in node order, the names of its `global` nodes, and its primitives' names."""
+
+    nested: tuple[Function, ...]
+    globals: frozenset[str]
+    prims: frozenset[str]
+
+
+def _index(graph: nx.DiGraph) -> _Index:
+    inner: list[Function] = []
+    names: set[str] = set()
+    prims: set[str] = set()
+    for data in graph._node.values():
+        node = data["node"]
+        name = node.prim.name
+        prims.add(name)
+        if name == "closure":
+            inner.extend(nested(node))
+        elif name == "global":
+            names.add(node.attr("name"))
+    return _Index(tuple(inner), frozenset(names), frozenset(prims))
+
+
+def stale_fact(function: Function, key: str, value: Any, functions: dict[str, Function]) -> str | None:
+    """For `verify`: why the fact cached under `key` for `function`'s graph is not what computing
+    it again gives, or None when it is."""
+    if key == _INDEX:
+        fresh = _index(function.graph)
+        if (fresh.globals, fresh.prims) != (value.globals, value.prims) or len(fresh.nested) != len(value.nested) \
+                or any(a is not b for a, b in zip(fresh.nested, value.nested)):
+            return f"its cached index {value} is not {fresh}"
+        return None
+    rules = next((rules for rules, fact in _FACT_KEYS.items() if fact == key), None)
+    if rules is None:
+        return f"it has a cached fact {key!r} nothing computes"
+    fresh = _would_rewrite(function, Program(dict(functions)), RuleSet(rules))
+    if value != fresh:
+        return f"its cached fact {key!r} ({', '.join(sorted({r.law for r in rules}))[:60]}...) is {value}, not {fresh}"
+    return None
+
+
+def _nested_functions(graph: nx.DiGraph) -> tuple[Function, ...]:
+    """The functions of the closure nodes of a graph, in node order (a cached fact of the graph)."""
+    return cached(graph, _INDEX, _index).nested
 
 
 def globals_used(function: Function) -> set[str]:
     """Names of the top-level functions `function` (or a function nested in it) refers to."""
     out = set()
     for f in postorder(function):
-        for _, data in f.graph.nodes(data=True):
-            node = data["node"]
-            if node.prim.name == "global":
-                out.add(node.attr("name"))
+        out |= cached(f.graph, _INDEX, _index).globals
     return out
 
 
@@ -164,37 +239,87 @@ Probe = Callable[[Function, Program], bool]
 
 
 def transform(program: Program, rewrite: Callable[[Function, Program], None], probe: Probe | None = None,
-              callees_before_callers: bool = False, compact_ids: bool = False) -> Program:
+              callees_before_callers: bool = False, compact_ids: bool = False,
+              copy: Callable[[Function], Function] = copy_function) -> Program:
     """The walker, written once. Returns a new Program in which `rewrite(function, program)` has run
     on a copy of every function, nested functions before the function holding them (and, if
     asked, callees before callers); every rewritten function is renumbered in dependency order.
 
     `probe(function, program) -> bool` says whether `rewrite` would change a function; a function
     for which it (and every function nested in it) says no is shared with the input instead of
-    copied. The input program is never modified."""
-    out = Program(dict(program.functions), dict(program.processes), list(program.root))
-    names = callees_first(program) if callees_before_callers else list(program.functions)
-    for name in names:
-        original = program.functions[name]
-        if probe is not None and not any(probe(f, out) for f in postorder(original)):
-            continue
-        function = copy_function(original)
-        for f in list(postorder(function)):
-            rewrite(f, out)
-        for f in postorder(function):
-            renumber(f, compact=compact_ids)
-        out.functions[name] = function
-    return out
+    copied. The input program is never modified. `copy`: how a function is copied before `rewrite`
+    runs (copy_function, or a copy that does the pass's work as it goes, as dce and compact do)."""
+    with gc_paused():
+        out = Program(dict(program.functions), dict(program.processes), list(program.root))
+        names = callees_first(program) if callees_before_callers else list(program.functions)
+        for name in names:
+            original = program.functions[name]
+            if probe is not None and not any(probe(f, out) for f in postorder(original)):
+                continue
+            function = copy(original)
+            for f in list(postorder(function)):
+                rewrite(f, out)
+            for f in postorder(function):
+                renumber(f, compact=compact_ids)
+            out.functions[name] = function
+        return out
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic collector off while a pass runs: a pass allocates many small objects
+    (payloads, dicts of the graphs) while the whole program, often a big one, is alive, and each
+    collection would scan it all again. Reference counting frees what a pass drops all the same."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _has_gaps(function: Function, program: Program) -> bool:
     graph = function.graph
+    ordered = cached_order(graph)
+    if ordered is not None:         # (the order is 0, 1, ... just when the ids are and every edge goes up)
+        return ordered != list(range(len(ordered)))
     return not (max(graph, default=-1) == len(graph) - 1 and all(source < target for source, target in graph.edges))
 
 
 def compact(program: Program) -> Program:
     """Node ids 0, 1, ... in every function (passes may leave gaps where nodes went away)."""
-    return transform(program, lambda function, prog: None, probe=_has_gaps, compact_ids=True)
+    return transform(program, lambda function, prog: None, probe=_has_gaps, compact_ids=True,
+                     copy=_compacted_copy)
+
+
+def _compacted_copy(function: Function) -> Function:
+    """copy_function, then renumber (compact) every function of the copy: in one go."""
+    return _rebuilt(function, function.graph._node, order(function), _compacted_copy)
+
+
+def _rebuilt(function: Function, payload: dict[int, dict], ordered: list[int],
+             copy_nested: Callable[[Function], Function], result: int | None = None) -> Function:
+    """A copy of `function` with the nodes `ordered` (a dependency order, of `payload`: node ->
+    {"node": Node}) numbered 0, 1, ... in that order, the functions of closure nodes copied by
+    `copy_nested`, and the edges their inputs give: what renumber (compact) makes of a copy.
+    `result`: the result's old id (by default the function's)."""
+    identity = ordered == list(range(len(ordered)))
+    mapping = None if identity else {old: new for new, old in enumerate(ordered)}
+    nodes = []
+    for new, old in enumerate(ordered):
+        node = payload[old]["node"]
+        if node.prim.name == "closure":
+            copies = {key: copy_nested(value) for key, value in node.attrs if isinstance(value, Function)}
+            if copies:
+                node = node.with_attrs(**copies)
+        if mapping is not None and node.inputs:
+            node = node.with_inputs(tuple(mapping[i] for i in node.inputs))
+        nodes.append((new, node))
+    graph = graph_from(nodes, list(range(len(nodes))))
+    result = function.result if result is None else result
+    return Function(function.name, function.params, function.result_type, function.federated,
+                    function.captures, graph, result if identity else mapping[result], function.span)
 
 
 def renumber(function: Function, compact: bool = True) -> None:
@@ -202,26 +327,36 @@ def renumber(function: Function, compact: bool = True) -> None:
     `compact`, else only when some edge goes from a larger id to a smaller one."""
     graph = function.graph
     ordered = order(function)
-    if ordered == list(range(len(ordered))) or (not compact and ordered == sorted(ordered)):
+    n = len(ordered)
+    if (not ordered or (ordered[0] == 0 and ordered[-1] == n - 1)) and ordered == list(range(n)):
         return
-    payload = dict(graph.nodes(data="node"))
+    if not compact and all(a < b for a, b in zip(ordered, ordered[1:])):
+        return
     mapping = {old: new for new, old in enumerate(ordered)}
-    new_graph = nx.DiGraph()
-    new_graph.add_nodes_from((mapping[old], {"node": payload[old].with_inputs(tuple(mapping[i] for i in payload[old].inputs))})
-                             for old in ordered)
-    new_graph.add_edges_from((mapping[source], mapping[target], {"positions": list(data["positions"])})
-                             for source, target, data in graph.edges(data=True))
+    payload = graph._node
+    nodes = []
+    inner: list[Function] = []
+    for new, old in enumerate(ordered):
+        node = payload[old]["node"]
+        if node.prim.name == "closure":
+            inner.extend(nested(node))
+        nodes.append((new, node.with_inputs(tuple(mapping[i] for i in node.inputs)) if node.inputs else node))
+    new_graph = graph_from(nodes, list(range(n)))       # (the edges the inputs give, as in the old graph)
+    index = getattr(graph, "__networkx_cache__", {}).get(_INDEX)
+    cache = getattr(new_graph, "__networkx_cache__", None)
+    if index is not None and cache is not None:         # the same nodes, in their new order
+        cache[_INDEX] = _Index(tuple(inner), index.globals, index.prims)
     function.graph = new_graph
     function.result = mapping[function.result]
 
 
 def live_nodes(function: Function) -> set[int]:
     """The nodes the result depends on (the result included)."""
-    payload = dict(function.graph.nodes(data="node"))
+    payload = function.graph._node
     live = {function.result}
     stack = [function.result]
     while stack:
-        for source in payload[stack.pop()].inputs:
+        for source in payload[stack.pop()]["node"].inputs:
             if source not in live:
                 live.add(source)
                 stack.append(source)
@@ -258,6 +393,15 @@ class Pat:
         return True
 
 
+def _bind(pattern: Pat, rw: "Rewriter", nid: int) -> dict[str, int] | None:
+    """What `pattern` binds matching node `nid`, or None: `pattern.match` for a rule's root pattern,
+    whose primitive RuleSet.for_prim has checked already."""
+    if pattern.src is None:
+        return {} if pattern.name is None else {pattern.name: nid}
+    bound: dict[str, int] = {}
+    return bound if pattern.match(rw, nid, bound) else None
+
+
 @dataclass(frozen=True)
 class Rule:
     """`law` (the comment), the pattern, and `fn(rw, **bound) -> replacement node id or None`."""
@@ -273,14 +417,18 @@ class Rewriter:
     def __init__(self, function: Function, program: Program, rules: "RuleSet"):
         self.function, self.program, self.rules = function, program, rules
         self.graph = function.graph
-        self.next_id = max(self.graph.nodes, default=-1) + 1
+        self.next_id = next_id(self.graph)
+        # How many nodes a rule could start from (None: every node): none, and a sweep is a no-op.
+        roots = rules.roots
+        self.candidates = None if roots is None else \
+            sum(1 for data in self.graph._node.values() if data["node"].prim.name in roots)
 
     # ---- reading ---------------------------------------------------------------------------------
     def node(self, nid: int) -> Node:
-        return self.graph.nodes[nid]["node"]
+        return self.graph._node[nid]["node"]
 
     def users(self, nid: int) -> list[int]:
-        return sorted(self.graph.successors(nid))
+        return sorted(self.graph._succ[nid])
 
     def const(self, nid: int) -> tuple[bool, Any]:
         """(True, value) for a constant node."""
@@ -303,14 +451,13 @@ class Rewriter:
     def add(self, node: Node) -> int:
         nid = self.next_id
         self.next_id += 1
-        self.graph.add_node(nid, node=node)
-        for position, source in enumerate(node.inputs):
+        if self.candidates is not None and node.prim.name in self.rules.roots:
+            self.candidates += 1
+        for source in node.inputs:
             if source not in self.graph:
+                self.graph.add_node(nid, node=node)
                 raise InternalCompilerError(f"{self.function.name}: a rewrite used the missing node %{source}")
-            if self.graph.has_edge(source, nid):
-                self.graph.edges[source, nid]["positions"].append(position)
-            else:
-                self.graph.add_edge(source, nid, positions=[position])
+        attach(self.graph, nid, node, self.function.name)
         return nid
 
     def make(self, name: str, inputs: Iterable[int], t: Type, span=None, **attrs: Any) -> int:
@@ -338,37 +485,24 @@ class Rewriter:
         """Every use of `old` becomes a use of `new`; `old` is removed."""
         if self.graph.has_edge(old, new):
             raise InternalCompilerError(f"{self.function.name}: a rewrite of %{old} uses %{old} itself")
-        for user in list(self.graph.successors(old)):
+        for user in list(self.graph._succ[old]):
             node = self.node(user)
             self.function.replace_node(user, node.with_inputs(tuple(new if i == old else i for i in node.inputs)))
         if self.function.result == old:
             self.function.result = new
+        if self.candidates is not None and self.node(old).prim.name in self.rules.roots:
+            self.candidates -= 1
         self.graph.remove_node(old)
 
     # ---- the fixpoint ------------------------------------------------------------------------------
-    def run(self, done: set[int]) -> None:
+    def run(self, done: dict[int, Function]) -> None:
         """Rewrite to a fixpoint; if anything changed, keep only what the result needs."""
         fired = False
         for sweep in range(_MAX_SWEEPS):
             changed = False
-            live = live_nodes(self.function)
-            for nid in order(self.function):
-                if nid not in live or nid not in self.graph:
-                    continue
-                node = self.node(nid)
-                for rule in self.rules.for_prim(node.prim.name):
-                    bound: dict[str, int] = {}
-                    if not rule.pattern.match(self, nid, bound):
-                        continue
-                    first_new = self.next_id
-                    new = rule.fn(self, **bound)
-                    if new is None or new == nid:
-                        continue
-                    self.replace(nid, new)
-                    self.rules.fired[rule.law] += 1
-                    self._rewrite_new_closures(first_new, done)
-                    changed = fired = True
-                    break
+            if self.candidates != 0:            # (none: no node a rule starts from, nothing would change)
+                changed = self._sweep(done)
+                fired = fired or changed
             if not changed:
                 if fired:
                     live = live_nodes(self.function)
@@ -376,7 +510,31 @@ class Rewriter:
                 return
         raise InternalCompilerError(f"{self.function.name}: the rewrite rules did not reach a fixpoint")
 
-    def _rewrite_new_closures(self, first_new: int, done: set[int]) -> None:
+    def _sweep(self, done: dict[int, Function]) -> bool:
+        """One visit of the live nodes in dependency order, trying the rules on each; whether one fired."""
+        changed = False
+        live = live_nodes(self.function)
+        payload = self.graph._node
+        for nid in order(self.function):
+            if nid not in live or nid not in payload:
+                continue
+            node = payload[nid]["node"]
+            for rule in self.rules.for_prim(node.prim.name):
+                bound = _bind(rule.pattern, self, nid)
+                if bound is None:
+                    continue
+                first_new = self.next_id
+                new = rule.fn(self, **bound)
+                if new is None or new == nid:
+                    continue
+                self.replace(nid, new)
+                self.rules.fired[rule.law] += 1
+                self._rewrite_new_closures(first_new, done)
+                changed = True
+                break
+        return changed
+
+    def _rewrite_new_closures(self, first_new: int, done: dict[int, Function]) -> None:
         for nid in range(first_new, self.next_id):
             if nid in self.graph:
                 for inner in nested(self.node(nid)):
@@ -393,19 +551,42 @@ class RuleSet:
             for name in rule.pattern.prims or (None,):
                 self.by_prim.setdefault(name, []).append(rule)
         self.fired: Counter[str] = Counter()
+        self._for: dict[str, tuple[Rule, ...]] = {}
+        self.fact_key = _fact_key(self.rules)
+        # the primitives a rule's pattern can start from (None: a rule starts from any node)
+        self.roots = None if None in self.by_prim else frozenset(self.by_prim)
 
-    def for_prim(self, name: str) -> list[Rule]:
-        return self.by_prim.get(name, []) + self.by_prim.get(None, [])
+    def for_prim(self, name: str) -> tuple[Rule, ...]:
+        rules = self._for.get(name)
+        if rules is None:
+            rules = self._for[name] = tuple(self.by_prim.get(name, []) + self.by_prim.get(None, []))
+        return rules
 
 
-def _rewrite_function(function: Function, program: Program, rules: RuleSet, done: set[int]) -> None:
+_FACT_KEYS: dict[tuple[Rule, ...], str] = {}
+
+
+def _fact_key(rules: tuple[Rule, ...]) -> str | None:
+    """The graph-cache key of "would this rule set rewrite the function", for a rule set of
+    LOCAL_RULES only (whose answer depends on the function alone, not on the program)."""
+    if not all(rule in LOCAL_RULES for rule in rules):
+        return None
+    key = _FACT_KEYS.get(rules)
+    if key is None:
+        key = _FACT_KEYS[rules] = f"fedlang.passes.would_rewrite.{len(_FACT_KEYS)}"
+    return key
+
+
+def _rewrite_function(function: Function, program: Program, rules: RuleSet, done: dict[int, Function]) -> None:
+    # `done` holds the functions rewritten already, by id, and keeps them alive: the id of a
+    # function a rewrite dropped must not come back as the id of a new one (skipping it).
     if id(function) in done:
         return
     for inner in list(postorder(function))[:-1]:
         if id(inner) not in done:
-            done.add(id(inner))
+            done[id(inner)] = inner
             Rewriter(inner, program, rules).run(done)
-    done.add(id(function))
+    done[id(function)] = function
     Rewriter(function, program, rules).run(done)
 
 
@@ -417,23 +598,37 @@ class _ReadOnly(Rewriter):
     """A rewriter that only finds out whether a rule would fire."""
 
     def __init__(self, function: Function, program: Program, rules: "RuleSet"):
-        super().__init__(function, program, rules)
-        self.payload = dict(function.graph.nodes(data="node"))
-
-    def node(self, nid: int) -> Node:
-        return self.payload[nid]
+        # (no next_id, no candidates: nothing is ever added, no sweep runs)
+        self.function, self.program, self.rules = function, program, rules
+        self.graph = function.graph
 
     def add(self, node: Node) -> int:
         raise _WouldChange
 
+    def splice(self, callee: Function, params: list[int], captured: Iterable[int], span=None) -> int:
+        # A splice either adds a node or gives a parameter or capture binding: the call's argument
+        # or the closure's input, never the call itself. Either way the rule fires.
+        raise _WouldChange
+
 
 def would_rewrite(function: Function, program: Program, rules: RuleSet) -> bool:
-    """Whether any rule of `rules` fires on a live node of `function` (not its nested functions)."""
+    """Whether any rule of `rules` fires on a live node of `function` (not its nested functions).
+    For a rule set whose rules read nothing but the function (LOCAL_RULES), the answer is a
+    cached fact of the function's graph: a function no pass changed is not asked again."""
+    key = rules.fact_key
+    if key is not None:
+        return cached(function.graph, key, lambda graph: _would_rewrite(function, program, rules))
+    return _would_rewrite(function, program, rules)
+
+
+def _would_rewrite(function: Function, program: Program, rules: RuleSet) -> bool:
+    if rules.roots is not None and rules.roots.isdisjoint(cached(function.graph, _INDEX, _index).prims):
+        return False                # no node any rule could start from
     rw = _ReadOnly(function, program, rules)
-    for nid, node in rw.payload.items():
-        for rule in rules.for_prim(node.prim.name):
-            bound: dict[str, int] = {}
-            if not rule.pattern.match(rw, nid, bound):
+    for nid, data in function.graph._node.items():
+        for rule in rules.for_prim(data["node"].prim.name):
+            bound = _bind(rule.pattern, rw, nid)
+            if bound is None:
                 continue
             try:
                 new = rule.fn(rw, **bound)
@@ -447,7 +642,7 @@ def would_rewrite(function: Function, program: Program, rules: RuleSet) -> bool:
 def rewrite_function(function: Function, program: Program, rules: Iterable[Rule]) -> Function:
     """A rewritten copy of one function (`program` resolves its `global` nodes)."""
     out = copy_function(function)
-    _rewrite_function(out, program, RuleSet(rules), set())
+    _rewrite_function(out, program, RuleSet(rules), {})
     for f in postorder(out):
         renumber(f)
     return out
@@ -456,7 +651,7 @@ def rewrite_function(function: Function, program: Program, rules: Iterable[Rule]
 def rewrite_program(program: Program, rules: Iterable[Rule], fired: Counter | None = None) -> Program:
     """A copy of `program` with `rules` applied to a fixpoint in every function."""
     rule_set = RuleSet(rules)
-    done: set[int] = set()
+    done: dict[int, Function] = {}
     inlining = any(rule.pattern.prims == ("call",) for rule in rule_set.rules)
     out = transform(program, lambda function, prog: _rewrite_function(function, prog, rule_set, done),
                     probe=lambda function, prog: would_rewrite(function, prog, rule_set),
@@ -596,7 +791,10 @@ def inline_computations(program: Program) -> Program:
 def lower_computation(function: Function, program: Program) -> Function:
     """`function` (a comp) with the comps it calls inlined, wiring structs taken apart and dead
     nodes removed: what phase splitting works on. Not an optimization: it runs at -O0 too."""
-    return dce_function(rewrite_function(function, program, INLINE_COMPUTATION_RULES + WIRING_RULES))
+    with gc_paused():
+        out = rewrite_function(function, program, INLINE_COMPUTATION_RULES + WIRING_RULES)
+        _dce_in_place(out)          # (dce_function without its copy: `out` is a private copy already)
+        return out
 
 
 # ==== constant folding ============================================================================
@@ -978,6 +1176,11 @@ BROADCAST_RULES = [
 ]
 
 
+# Rules that read nothing but the function they rewrite (not the program's other functions):
+# whether they would rewrite a function is a fact of its graph (see would_rewrite).
+LOCAL_RULES = frozenset(FOLD_RULES + SIMPLIFY_RULES + BROADCAST_RULES)
+
+
 def hoist_broadcasts(program: Program) -> Program:
     """One broadcast per server value, as early as it exists (see BROADCAST_RULES)."""
     return rewrite_program(program, BROADCAST_RULES)
@@ -1036,39 +1239,76 @@ def _attrs_key(attrs, memo) -> tuple:
                   else value_key(value, memo)) for name, value in attrs)
 
 
+class _Canonical:
+    """`of(nid, node)`: the first node given with the same key (primitive, inputs, attributes,
+    type) as `node`, else `nid`. The whole key (attributes and type: the costly part) is made
+    only for nodes whose primitive and inputs an earlier node has too."""
+
+    def __init__(self):
+        self.first: dict[tuple[str, tuple[int, ...]], tuple[int, Node]] = {}
+        self.full: dict[tuple[str, tuple[int, ...]], dict[Any, int]] = {}
+        self.memo: dict[int, Any] = {}
+
+    def key(self, node: Node) -> Any:
+        return (node.prim.name, node.inputs, _attrs_key(node.attrs, self.memo), node.type)
+
+    def of(self, nid: int, node: Node) -> int:
+        short = (node.prim.name, node.inputs)
+        seen = self.first.get(short)
+        if seen is None:
+            self.first[short] = (nid, node)
+            return nid
+        keys = self.full.get(short)
+        if keys is None:
+            keys = self.full[short] = {self.key(seen[1]): seen[0]}
+        return keys.setdefault(self.key(node), nid)
+
+
 def _has_duplicates(function: Function, program: Program) -> bool:
-    seen: set = set()
-    memo: dict[int, Any] = {}
+    canonical = _Canonical()
+    payload = function.graph._node
     for nid in order(function):
-        node = function.node(nid)
-        key = (node.prim.name, node.inputs, _attrs_key(node.attrs, memo), node.type)
-        if key in seen:
+        if canonical.of(nid, payload[nid]["node"]) != nid:
             return True
-        seen.add(key)
     return False
 
 
-def _cse_function(function: Function, program: Program) -> None:
-    canonical: dict[Any, int] = {}
+def _cse_copy(function: Function) -> Function:
+    """copy_function, then common subexpression elimination in every function of the copy (nested
+    ones first) and renumber (not compact): in one go, building each function's graph once."""
+    nodes: dict[int, Node] = {}
+    for nid, data in function.graph._node.items():
+        node = data["node"]
+        if node.prim.name == "closure":
+            copies = {key: _cse_copy(value) for key, value in node.attrs if isinstance(value, Function)}
+            if copies:
+                node = node.with_attrs(**copies)
+        nodes[nid] = node
+    canonical = _Canonical()
     representative: dict[int, int] = {}
-    memo: dict[int, Any] = {}
     for nid in order(function):
-        node = function.node(nid)
-        inputs = tuple(representative[i] for i in node.inputs)
-        if inputs != node.inputs:
-            node = node.with_inputs(inputs)
-            function.replace_node(nid, node)
-        key = (node.prim.name, inputs, _attrs_key(node.attrs, memo), node.type)
-        representative[nid] = canonical.setdefault(key, nid)
-    function.result = representative[function.result]
-    function.graph.remove_nodes_from([nid for nid, rep in representative.items() if rep != nid])
+        node = nodes[nid]
+        if node.inputs:
+            inputs = tuple(representative[i] for i in node.inputs)
+            if inputs != node.inputs:
+                node = nodes[nid] = node.with_inputs(inputs)
+        representative[nid] = canonical.of(nid, node)
+    kept = [(nid, node) for nid, node in nodes.items() if representative[nid] == nid]
+    result = representative[function.result]
+    if all(source < nid for nid, node in kept for source in node.inputs):
+        graph = graph_from(kept, sorted(nid for nid, _ in kept))
+    else:                           # renumber: ids in dependency order
+        graph = graph_from(kept)
+        return _rebuilt(function, graph._node, topological_order(graph), lambda inner: inner, result)
+    return Function(function.name, function.params, function.result_type, function.federated,
+                    function.captures, graph, result, function.span)
 
 
 def cse(program: Program) -> Program:
     """Common subexpression elimination: one node per (primitive, inputs, attributes, type).
     Sound because every primitive is pure (random numbers are seeded, so equal seeds give equal
     values); two federated_sums of the same value are one communication."""
-    return transform(program, _cse_function, probe=_has_duplicates)
+    return transform(program, lambda function, prog: None, probe=_has_duplicates, copy=_cse_copy)
 
 
 # ==== dead code elimination ===============================================================================
@@ -1085,12 +1325,61 @@ def _dce_function(function: Function, program: Program) -> None:
 def _has_dead_code(function: Function, program: Program) -> bool:
     if len(live_nodes(function)) != len(function.graph):
         return True
-    for _, data in function.graph.nodes(data=True):
-        for inner in nested(data["node"]):
-            used = {inner.node(n).attr("index") for n in live_nodes(inner) if inner.node(n).prim.name == "capture"}
-            if len(used) != len(inner.captures):
-                return True
+    for inner in _nested_functions(function.graph):
+        used = {inner.node(n).attr("index") for n in live_nodes(inner) if inner.node(n).prim.name == "capture"}
+        if len(used) != len(inner.captures):
+            return True
     return False
+
+
+def _dce_copy(function: Function, used: list[int] | None = None) -> Function:
+    """copy_function, then _dce_function on every function of the copy (nested ones first) and
+    renumber (compact) every one: in one go, building each function's graph once. With `used`
+    (a closure's function), also _prune_captures: the captures it uses go to `used`."""
+    nodes: dict[int, Node] = {}
+    for nid, data in function.graph._node.items():
+        node = data["node"]
+        if node.prim.name == "closure":
+            node = _dce_closure(node)
+        nodes[nid] = node
+    live = {function.result}
+    stack = [function.result]
+    while stack:
+        for source in nodes[stack.pop()].inputs:
+            if source not in live:
+                live.add(source)
+                stack.append(source)
+    kept = {nid: node for nid, node in nodes.items() if nid in live}
+    captures = function.captures
+    if used is not None:
+        used.extend(sorted({node.attr("index") for node in kept.values() if node.prim.name == "capture"}))
+        if len(used) != len(captures):
+            new_index = {old: new for new, old in enumerate(used)}
+            kept = {nid: node.with_attrs(index=new_index[node.attr("index")]) if node.prim.name == "capture" else node
+                    for nid, node in kept.items()}
+            captures = tuple(captures[i] for i in used)
+    if all(source < nid for nid, node in kept.items() for source in node.inputs):
+        ordered = sorted(kept)
+    else:                           # (the dependency order of what is kept, as renumber finds it)
+        ordered = topological_order(graph_from(list(kept.items())))
+    out = _rebuilt(function, {nid: {"node": node} for nid, node in kept.items()}, ordered, lambda inner: inner)
+    out.captures = captures
+    return out
+
+
+def _dce_closure(node: Node) -> Node:
+    """A closure node whose functions are _dce_copy'd, its function without the captures it does
+    not use, and the node without their inputs (_prune_captures)."""
+    pruned = node.attr("function")
+    used: list[int] = []
+    copies = {key: _dce_copy(value, used if value is pruned else None)
+              for key, value in node.attrs if isinstance(value, Function)}
+    if not copies:
+        return node
+    node = node.with_attrs(**copies)
+    if not isinstance(pruned, Function) or len(used) == len(pruned.captures):
+        return node
+    return node.with_inputs(tuple(node.inputs[i] for i in used))
 
 
 def _prune_captures(function: Function, nid: int, node: Node) -> None:
@@ -1115,17 +1404,21 @@ def _prune_captures(function: Function, nid: int, node: Node) -> None:
 def dce_function(function: Function) -> Function:
     """A copy of one function without dead nodes and unused captures."""
     out = copy_function(function)
-    for f in list(postorder(out)):
-        _dce_function(f, None)
-    for f in postorder(out):
-        renumber(f)
+    _dce_in_place(out)
     return out
+
+
+def _dce_in_place(function: Function) -> None:
+    for f in list(postorder(function)):
+        _dce_function(f, None)
+    for f in postorder(function):
+        renumber(f)
 
 
 def dce(program: Program) -> Program:
     """Remove nodes the result does not need, captures a closure does not use, and imported
     functions nothing refers to (root declarations and processes are kept)."""
-    out = transform(program, _dce_function, probe=_has_dead_code, compact_ids=True)
+    out = transform(program, lambda function, prog: None, probe=_has_dead_code, compact_ids=True, copy=_dce_copy)
     keep = set(out.root) | {name for pair in out.processes.values() for name in pair}
     keep &= out.functions.keys()
     frontier = list(keep)
@@ -1175,11 +1468,12 @@ def optimize(program: Program, dump: Callable[[str, Program], None] | str | Path
         def dump(name: str, p: Program) -> None:    # noqa: F811 - the directory becomes a callback
             (folder / f"{next(counter):02d}-{name}.ir").write_text(format_program(p) + "\n", encoding="utf-8")
 
-    for name, run_pass in pipeline():
-        program = run_pass(program)
-        if dump is not None:
-            dump(name, program)
-    return compact(program)
+    with gc_paused():
+        for name, run_pass in pipeline():
+            program = run_pass(program)
+            if dump is not None:
+                dump(name, program)
+        return compact(program)
 
 
 __all__ = ["optimize", "pipeline", "PASSES", "inline", "inline_computations", "fold_constants", "simplify",

@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from fedlang.diagnostics import InternalCompilerError
-from fedlang.ir.graph import Function, Node, Program, prim
+from fedlang.ir.graph import Function, Node, Program, attach, positions, prim
 from fedlang.ir.interpreter import Closure, Interpreter
-from fedlang.ir.passes import copy_function, globals_used, live_nodes, lower_computation, order, renumber
+from fedlang.ir.passes import (copy_function, gc_paused, globals_used, live_nodes, lower_computation, order,
+                               renumber)
 from fedlang.ir.primitives import NUM_CLIENTS, PRIMITIVES
 from fedlang.ir.types import FederatedType, FunctionType, Placement, StructType, Type, is_placed
 from fedlang.ir.values import Struct
@@ -120,10 +121,12 @@ def split_phases(function: Function, program: Program | None = None) -> Phases:
     """Cut federated computation `function` into phases (`program` resolves the functions it names)."""
     if not function.federated:
         raise ValueError(f"split_phases takes a comp; {function.name} is a local function")
-    functions = dict(program.functions) if program is not None else {}
-    functions.setdefault(function.name, function)
-    comp = lower_computation(function, Program(functions))
-    return _Splitter(comp, functions).split()
+    with gc_paused():
+        functions = program.functions if program is not None else {}
+        if function.name not in functions:         # (else the program's own dict: it is only read)
+            functions = {**functions, function.name: function}
+        comp = lower_computation(function, Program(functions))
+        return _Splitter(comp, functions).split()
 
 
 def _is_wiring(t: Type) -> bool:
@@ -153,12 +156,7 @@ class _Builder:
 
     def add(self, node: Node) -> int:
         nid = len(self.function.graph)
-        self.function.graph.add_node(nid, node=node)
-        for position, source in enumerate(node.inputs):
-            if self.function.graph.has_edge(source, nid):
-                self.function.graph.edges[source, nid]["positions"].append(position)
-            else:
-                self.function.graph.add_edge(source, nid, positions=[position])
+        attach(self.function.graph, nid, node, self.function.name)
         return nid
 
     def input(self, name: str, t: Type, role: str, span, param: tuple[int, ...] | None = None) -> int:
@@ -300,7 +298,7 @@ class _Splitter:
         t = node.type.types[k]
         new = max(self.comp.graph.nodes) + 1
         self.comp.graph.add_node(new, node=Node(prim("select"), (nid,), t, (("index", k),), node.span))
-        self.comp.graph.add_edge(nid, new, positions=[0])
+        self.comp.graph.add_edge(nid, new, positions=positions([0]))
         self.live.add(new)
         self.side[new], stage = self._classify(new, self.comp.node(new))
         if stage is not None:

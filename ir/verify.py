@@ -6,8 +6,9 @@ structurally) and must be assignable to the type the node records: a pass may
 make types more precise (inlining passes a `float32[3]` where a `float32[?]`
 was declared), never wrong. Besides types it checks the wiring: edges mirror
 the inputs, parameter and capture indices are in range, the result exists, no
-`grad` node is left, a local function holds no placed value, and every nested
-function belongs to exactly one closure node.
+`grad` node is left, a local function holds no placed value, every nested
+function belongs to exactly one closure node, and every fact cached for a graph
+(its dependency order, next node id, the passes' indices) is up to date.
 
 A failure is an `InternalCompilerError` naming the function, the node and the
 pass after which it was found: a bug in fedlang, never the user's fault.
@@ -22,7 +23,7 @@ import numpy as np
 
 from fedlang.diagnostics import InternalCompilerError
 from fedlang.ir.avals import AVal, accepts
-from fedlang.ir.graph import Function, Node, Program
+from fedlang.ir.graph import NEXT_ID_KEY, ORDER_KEY, Function, Node, Program, cached_facts
 from fedlang.ir.primitives import PRIMITIVES, REQUIRED, TypeRuleError, _check_call
 from fedlang.ir.types import FederatedType, FunctionType, SequenceType, StructType, TensorType, Type, is_placed
 from fedlang.ir.values import Struct
@@ -98,6 +99,7 @@ class _Verifier:
         self.check_edges()
         if f.result is None or f.result not in graph:
             self.fail(None, f"the result %{f.result} is not a node of the function")
+        self.check_cached_facts()
         for nid, node in f.nodes():
             try:
                 self.check_node(nid, node)
@@ -122,6 +124,25 @@ class _Verifier:
                      for source in graph.predecessors(nid)}
             if found != expected:
                 self.fail(nid, f"the edges {found} do not mirror the inputs {node.inputs}")
+
+    def check_cached_facts(self) -> None:
+        """Every fact cached for the graph (see graph.cached) is what computing it again gives."""
+        from fedlang.ir.passes import stale_fact
+
+        graph = self.f.graph
+        for key, value in cached_facts(graph).items():
+            if key == ORDER_KEY:
+                fresh = list(nx.lexicographical_topological_sort(graph))
+                if list(value) != fresh:
+                    self.fail(None, f"its cached dependency order {list(value)} is not its order {fresh}")
+            elif key == NEXT_ID_KEY:
+                fresh = max(graph, default=-1) + 1
+                if value != fresh:
+                    self.fail(None, f"its cached next node id {value} is not {fresh}")
+            else:
+                message = stale_fact(self.f, key, value, self.functions)
+                if message is not None:
+                    self.fail(None, message)
 
     # ---- abstract values of inputs -----------------------------------------------------------
     def aval(self, nid: int) -> AVal:
