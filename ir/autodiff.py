@@ -49,7 +49,7 @@ import numpy as np
 
 from fedlang.diagnostics import Diagnostic, FedlangError, InternalCompilerError, Span
 from fedlang.ir.avals import AVal
-from fedlang.ir.graph import Function, Node
+from fedlang.ir.graph import Function, Node, known_function
 from fedlang.ir.primitives import PRIMITIVES, Primitive, TypeRuleError
 from fedlang.ir.types import FLOAT_DTYPES, FunctionType, SequenceType, StructType, TensorType, Type
 
@@ -482,14 +482,7 @@ class Emitter:
 
     def known_function(self, nid: int) -> tuple[Function, list[int]] | None:
         """(function, its captured values) of a function value known here, else None."""
-        node = self.node(nid)
-        if node.prim.name == "closure":
-            return node.attr("function"), list(node.inputs)
-        if node.prim.name == "global":
-            function = self.program.functions.get(node.attr("name"))
-            if function is not None and function.result is not None:
-                return function, []
-        return None
+        return known_function(self.f, nid, self.program)
 
     def bind(self, function: Function, args: list[int]) -> list[int]:
         """Call arguments -> parameter values (TFF's struct packing and unpacking)."""

@@ -62,7 +62,7 @@ import numpy as np
 
 from fedlang.diagnostics import InternalCompilerError
 from fedlang.ir.autodiff import Emitter, clone
-from fedlang.ir.graph import Function, Node, Program
+from fedlang.ir.graph import Function, Node, Program, known_function
 from fedlang.ir.types import FunctionType, SequenceType, StructType, TensorType, Type
 from fedlang.ir.values import Struct
 
@@ -518,14 +518,7 @@ class BatchEmitter(Emitter):
         at compile time, else None."""
         if nid in self.origin:
             return self.origin[nid]
-        node = self.node(nid)
-        if node.prim.name == "closure":
-            return node.attr("function"), list(node.inputs)
-        if node.prim.name == "global":
-            function = self.program.functions.get(node.attr("name"))
-            if function is not None and function.result is not None:
-                return function, []
-        return None
+        return known_function(self.f, nid, self.program)
 
     def bind_args(self, function: Function, args: Sequence[int], states: Sequence[Any]):
         """Call arguments -> parameter values and states (TFF's struct packing and unpacking)."""

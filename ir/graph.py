@@ -382,6 +382,19 @@ class Program:
         return sum(f.size() for f in self.functions.values())
 
 
+def known_function(function: "Function", nid: int, program: "Program") -> "tuple[Function, list[int]] | None":
+    """(function, its captured values) of a function value known at compile time
+    (a closure or a global of `program`), else None."""
+    node = function.node(nid)
+    if node.prim.name == "closure":
+        return node.attr("function"), list(node.inputs)
+    if node.prim.name == "global":
+        target = program.functions.get(node.attr("name"))
+        if target is not None and target.result is not None:
+            return target, []
+    return None
+
+
 def prim(name: str) -> Primitive:
     return PRIMITIVES[name]
 

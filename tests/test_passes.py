@@ -28,6 +28,7 @@ from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 import fedlang
+from fedlang.testing.strategies import programs as generated_programs
 from fedlang.api import compile_ir
 from fedlang.cli import main
 from fedlang.diagnostics import InternalCompilerError
@@ -563,19 +564,10 @@ def test_struct_literal_retyped_to_a_named_result_keeps_the_names():
     assert result.names == ("a", None, None)
 
 
-def _generated_strategy():
-    try:
-        from fedlang.testing import strategies as fst
-    except ImportError:     # pragma: no cover - the strategies module is another engineer's
-        return None
-    return getattr(fst, "programs", None)
-
-
-@pytest.mark.skipif(_generated_strategy() is None, reason="fedlang.testing.strategies.programs() is not available")
 @settings(max_examples=150, deadline=None)
 @given(data=st.data(), seed=st.integers(0, 2 ** 32 - 1))
 def test_every_pass_preserves_the_meaning_of_generated_programs(data, seed):
-    generated = data.draw(_generated_strategy()())
+    generated = data.draw(generated_programs())
     result = fedlang.check_source(generated.source, "generated.fed")
     assert result.ok, result.render()
     program = built_or_reject(result)

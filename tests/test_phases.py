@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedlang
+from fedlang.testing.strategies import programs as generated_programs
 from fedlang.ir import passes
 from fedlang.ir.graph import Program
 from fedlang.ir.phases import PhaseSplitError, Phases, format_phases, run_phases, split_phases
@@ -323,19 +324,10 @@ def test_splitting_does_not_modify_the_program():
 
 # ==== random programs ==============================================================================
 
-def _generated_strategy():
-    try:
-        from fedlang.testing import strategies as fst
-    except ImportError:     # pragma: no cover - the strategies module is another engineer's
-        return None
-    return getattr(fst, "programs", None)
-
-
-@pytest.mark.skipif(_generated_strategy() is None, reason="fedlang.testing.strategies.programs() is not available")
 @settings(max_examples=80, deadline=None)
 @given(data=st.data(), seed=st.integers(0, 2 ** 32 - 1))
 def test_generated_comps_split_soundly_and_run_alike(data, seed):
-    generated = data.draw(_generated_strategy()())
+    generated = data.draw(generated_programs())
     result = fedlang.check_source(generated.source, "generated.fed")
     assert result.ok, result.render()
     plain = built_or_reject(result)
