@@ -9,6 +9,8 @@ are nested `Function`s, referenced from `closure` nodes.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import heapq
 import itertools
 from dataclasses import dataclass, field
@@ -397,6 +399,21 @@ def known_function(function: "Function", nid: int, program: "Program") -> "tuple
 
 def prim(name: str) -> Primitive:
     return PRIMITIVES[name]
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic collector off while the compiler works on IR (passes, phase splitting,
+    verify): they allocate many small objects (payloads, the dicts of the graphs) while the whole
+    program, often a big one, is alive, and each collection would scan it all again. Reference
+    counting frees what they drop all the same (fedlang.api pauses it so while checking)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # ---- text and DOT ----------------------------------------------------------------------------

@@ -31,9 +31,7 @@ is written once: the passes that are not rule sets (cse, dce) use it too.
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import gc
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,7 +43,7 @@ import numpy as np
 from fedlang.diagnostics import InternalCompilerError
 from fedlang.ir.avals import AVal, function_parameters
 from fedlang.ir.graph import (ORDER_KEY, Function, Node, Program, attach, cached, cached_order, format_program,
-                              graph_from, next_id, positions, prim, topological_order)
+                              gc_paused, graph_from, next_id, positions, prim, topological_order)
 from fedlang.ir.types import FederatedType, FunctionType, Placement, StructType, TensorType, Type, leaves
 from fedlang.ir.values import Struct
 
@@ -191,13 +189,20 @@ def stale_fact(function: Function, key: str, value: Any, functions: dict[str, Fu
                 or any(a is not b for a, b in zip(fresh.nested, value.nested)):
             return f"its cached index {value} is not {fresh}"
         return None
-    rules = next((rules for rules, fact in _FACT_KEYS.items() if fact == key), None)
-    if rules is None:
-        return f"it has a cached fact {key!r} nothing computes"
-    fresh = _would_rewrite(function, Program(dict(functions)), RuleSet(rules))
+    rule_set = _FACT_RULE_SETS.get(key)
+    if rule_set is None:
+        rules = next((rules for rules, fact in _FACT_KEYS.items() if fact == key), None)
+        if rules is None:
+            return f"it has a cached fact {key!r} nothing computes"
+        rule_set = _FACT_RULE_SETS[key] = RuleSet(rules)
+    fresh = _would_rewrite(function, Program(functions), rule_set)
     if value != fresh:
-        return f"its cached fact {key!r} ({', '.join(sorted({r.law for r in rules}))[:60]}...) is {value}, not {fresh}"
+        laws = ", ".join(sorted({rule.law for rule in rule_set.rules}))
+        return f"its cached fact {key!r} (would the rules {laws[:80]}... rewrite it) is {value}, not {fresh}"
     return None
+
+
+_FACT_RULE_SETS: dict[str, "RuleSet"] = {}       # (for stale_fact: the rule set of each fact key)
 
 
 def _nested_functions(graph: nx.DiGraph) -> tuple[Function, ...]:
@@ -265,20 +270,6 @@ def transform(program: Program, rewrite: Callable[[Function, Program], None], pr
         return out
 
 
-@contextlib.contextmanager
-def gc_paused():
-    """Python's cyclic collector off while a pass runs: a pass allocates many small objects
-    (payloads, dicts of the graphs) while the whole program, often a big one, is alive, and each
-    collection would scan it all again. Reference counting frees what a pass drops all the same."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _has_gaps(function: Function, program: Program) -> bool:
     graph = function.graph
     ordered = cached_order(graph)
@@ -314,7 +305,7 @@ def _rebuilt(function: Function, payload: dict[int, dict], ordered: list[int],
             if copies:
                 node = node.with_attrs(**copies)
         if mapping is not None and node.inputs:
-            node = node.with_inputs(tuple(mapping[i] for i in node.inputs))
+            node = node.with_inputs(tuple(map(mapping.__getitem__, node.inputs)))
         nodes.append((new, node))
     graph = graph_from(nodes, list(range(len(nodes))))
     result = function.result if result is None else result
@@ -340,7 +331,7 @@ def renumber(function: Function, compact: bool = True) -> None:
         node = payload[old]["node"]
         if node.prim.name == "closure":
             inner.extend(nested(node))
-        nodes.append((new, node.with_inputs(tuple(mapping[i] for i in node.inputs)) if node.inputs else node))
+        nodes.append((new, node.with_inputs(tuple(map(mapping.__getitem__, node.inputs))) if node.inputs else node))
     new_graph = graph_from(nodes, list(range(n)))       # (the edges the inputs give, as in the old graph)
     index = getattr(graph, "__networkx_cache__", {}).get(_INDEX)
     cache = getattr(new_graph, "__networkx_cache__", None)
@@ -478,7 +469,7 @@ class Rewriter:
             elif name == "capture":
                 mapping[nid] = captured[node.attr("index")]
             else:
-                mapping[nid] = self.add(_copy_nested(node.with_inputs(tuple(mapping[i] for i in node.inputs))))
+                mapping[nid] = self.add(_copy_nested(node.with_inputs(tuple(map(mapping.__getitem__, node.inputs)))))
         return mapping[callee.result]
 
     def replace(self, old: int, new: int) -> None:
@@ -1289,7 +1280,7 @@ def _cse_copy(function: Function) -> Function:
     for nid in order(function):
         node = nodes[nid]
         if node.inputs:
-            inputs = tuple(representative[i] for i in node.inputs)
+            inputs = tuple(map(representative.__getitem__, node.inputs))
             if inputs != node.inputs:
                 node = nodes[nid] = node.with_inputs(inputs)
         representative[nid] = canonical.of(nid, node)

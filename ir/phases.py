@@ -37,10 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from fedlang.diagnostics import InternalCompilerError
-from fedlang.ir.graph import Function, Node, Program, attach, positions, prim
+from fedlang.ir.graph import Function, Node, Program, attach, gc_paused, positions, prim
 from fedlang.ir.interpreter import Closure, Interpreter
-from fedlang.ir.passes import (copy_function, gc_paused, globals_used, live_nodes, lower_computation, order,
-                               renumber)
+from fedlang.ir.passes import copy_function, globals_used, live_nodes, lower_computation, order, renumber
 from fedlang.ir.primitives import NUM_CLIENTS, PRIMITIVES
 from fedlang.ir.types import FederatedType, FunctionType, Placement, StructType, Type, is_placed
 from fedlang.ir.values import Struct

@@ -23,7 +23,7 @@ import numpy as np
 
 from fedlang.diagnostics import InternalCompilerError
 from fedlang.ir.avals import AVal, accepts
-from fedlang.ir.graph import NEXT_ID_KEY, ORDER_KEY, Function, Node, Program, cached_facts
+from fedlang.ir.graph import NEXT_ID_KEY, ORDER_KEY, Function, Node, Program, cached_facts, gc_paused
 from fedlang.ir.primitives import PRIMITIVES, REQUIRED, TypeRuleError, _check_call
 from fedlang.ir.types import FederatedType, FunctionType, SequenceType, StructType, TensorType, Type, is_placed
 from fedlang.ir.values import Struct
@@ -39,6 +39,11 @@ class _Failure(Exception):
 
 def verify(program: Program, after: str | None = None) -> None:
     """Raise InternalCompilerError unless every function of `program` is well formed."""
+    with gc_paused():
+        _verify(program, after)
+
+
+def _verify(program: Program, after: str | None) -> None:
     owners: dict[int, str] = {}
     for name, function in program.functions.items():
         if function.name != name:
@@ -61,7 +66,8 @@ def verify_function(function: Function, functions: dict[str, Function] | None = 
     """Check one function (and the functions nested in it); `functions` resolves `global` nodes."""
     functions = {} if functions is None else functions
     owners = {} if _owners is None else _owners
-    _Verifier(function, functions, after, owners).run()
+    with gc_paused():
+        _Verifier(function, functions, after, owners).run()
 
 
 def _after(after: str | None) -> str:
