@@ -7,12 +7,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 from dataclasses import dataclass
 
 from fedlang.diagnostics import Diagnostic, FedlangError, SourceMap, render_all
 from fedlang.ir.checker import CheckedModule, ModuleInterface, check_module
+from fedlang.ir.gcpause import gc_paused
 from fedlang.modules import LoadedProgram
 from fedlang.modules import load as load_sources
 
@@ -52,29 +51,14 @@ class CheckResult:
 
 def check(*paths: str) -> CheckResult:
     """Check the given .fed files and everything they import."""
-    with _gc_paused():
+    with gc_paused():
         return _check(load_sources(list(paths)))
 
 
 def check_source(text: str, file: str = "<input>.fed") -> CheckResult:
     """Check program text that is not on disk (imports resolve relative to `file`)."""
-    with _gc_paused():
+    with gc_paused():
         return _check(load_sources([file], texts={file: text}))
-
-
-@contextlib.contextmanager
-def _gc_paused():
-    """Checking allocates many small, acyclic objects (tokens, AST nodes); Python's
-    cyclic collector would rescan them again and again (half the time of a
-    10,000-line check). Reference counting frees them all the same. Building the
-    IR is alike (IR nodes and their graphs, while the checked program is alive)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _check(program: LoadedProgram) -> CheckResult:
@@ -132,7 +116,7 @@ def compile_ir(result: CheckResult, optimize: bool = True):
     for key, loaded in result.program.modules.items():
         imports = {alias: prefixes[target] for alias, target in loaded.imports.items()}
         items.append((result.checked[key], imports, prefixes[key]))
-    with _gc_paused():                         # (as for checking: many small objects, few cycles)
+    with gc_paused():                         # (as for checking: many small objects, few cycles)
         try:
             program = build_program(items)
         except FedlangError as error:          # a diagnostic found while building IR: show the source

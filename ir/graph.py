@@ -9,8 +9,6 @@ are nested `Function`s, referenced from `closure` nodes.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import heapq
 import itertools
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 import networkx as nx
 
 from fedlang.diagnostics import InternalCompilerError, Span
+from fedlang.ir.gcpause import gc_paused  # noqa: F401  (re-exported for the passes)
 from fedlang.ir.primitives import PRIMITIVES, Primitive
 from fedlang.ir.types import FunctionType, StructType, Type
 
@@ -399,21 +398,6 @@ def known_function(function: "Function", nid: int, program: "Program") -> "tuple
 
 def prim(name: str) -> Primitive:
     return PRIMITIVES[name]
-
-
-@contextlib.contextmanager
-def gc_paused():
-    """Python's cyclic collector off while the compiler works on IR (passes, phase splitting,
-    verify): they allocate many small objects (payloads, the dicts of the graphs) while the whole
-    program, often a big one, is alive, and each collection would scan it all again. Reference
-    counting frees what they drop all the same (fedlang.api pauses it so while checking)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 # ---- text and DOT ----------------------------------------------------------------------------
