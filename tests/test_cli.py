@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 import fedlang
 from fedlang.cli import main
@@ -32,20 +33,7 @@ fn labels(b: Batch) -> int32[?] = b.label
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
-    """main(argv) in-process: (exit status, stdout, stderr); argparse exits count too."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
-
-
-@pytest.fixture
-def repo_root(monkeypatch):
-    monkeypatch.chdir(ROOT)
-    return ROOT
+    return run_cli(capsys, *argv)
 
 
 # ---- exit statuses and summaries ----------------------------------------------------------

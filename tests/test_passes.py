@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
@@ -688,19 +689,7 @@ def test_ir_golden(case):
 # ==== fedlang compile ===============================================================================
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
-
-
-@pytest.fixture
-def repo_root(monkeypatch):
-    monkeypatch.chdir(ROOT)
-    return ROOT
+    return run_cli(capsys, *argv)
 
 
 MEAN = "examples/mean_temperature.fed"
