@@ -4,7 +4,11 @@
     fedlang types FILE                           each declaration with its type
     fedlang compile FILE [--emit ir|dot|phases|png|svg] [-O0] [-o OUT]
                                                  the optimized IR, its graph, or the
-                                                 server and client phases of each comp
+                                                 server and client phases of each comp;
+                                                 without --emit, -o OUT writes an
+                                                 executable plan (a directory)
+    fedlang run FILE.fed|PLAN [options]          run a process for R rounds (or a comp
+                                                 once) on client data, in the simulator
     fedlang --version
 
 Users never see a Python traceback: their mistakes are diagnostics, and a bug
@@ -45,8 +49,57 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("-O0", dest="optimize", action="store_false",
                           help="no optimization passes (phases still inline the comps a comp calls)")
     compile_.add_argument("-o", dest="output", metavar="OUT",
-                          help="write what --emit produces to OUT (plans are not supported yet)")
+                          help="write what --emit produces to OUT; without --emit, write the "
+                               "executable plan (a directory, e.g. prog.fedplan)")
+    run = commands.add_parser(
+        "run", help="run a program or a compiled plan in the local simulator",
+        description="Run a process of FILE (a .fed program, compiled in memory, or a plan directory "
+                    "written by `fedlang compile -o`) for --rounds rounds, or, if it has no process, "
+                    "its first comp once. Client parameters are bound to data with --data NAME=SPEC "
+                    "(default: a built-in data set whose type fits; see docs/data.md).")
+    run.add_argument("target", metavar="FILE")
+    run.add_argument("--entry", metavar="NAME", help="the process or comp to run (default: the first process, "
+                                                     "else the first comp)")
+    run.add_argument("--rounds", type=_positive, metavar="R", help="rounds to run (default 50)")
+    run.add_argument("--clients-per-round", type=_positive, metavar="K",
+                     help="clients sampled per round (default 10)")
+    run.add_argument("--seed", type=int, default=0, help="seed of client sampling and dropout (default 0)")
+    run.add_argument("--data", action="append", default=[], metavar="NAME=SPEC",
+                     help="bind client parameter NAME: digits, digits:test, sensors[:N], a folder of .npz "
+                          "files, a TFF .sqlite[.lzma][:SPLIT] or .h5 file")
+    run.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
+                     help="value of a server parameter (a number or JSON)")
+    run.add_argument("--batch-size", type=_positive, metavar="B", help="examples per batch (default: the "
+                                                                       "program's fixed batch size, else 16)")
+    run.add_argument("--clients-per-chunk", type=_positive, metavar="N",
+                     help="clients vectorized together (default: as many as fit about 256 MB of data)")
+    run.add_argument("--dropout", type=_probability, default=0.0, metavar="P",
+                     help="drop each selected client with probability P (seeded)")
+    run.add_argument("--out", metavar="DIR", help="output folder (default runs/NAME-TIMESTAMP)")
+    run.add_argument("--logdir", metavar="DIR", help="also write TensorBoard summaries to DIR")
+    run.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             return _types(args.file)
         if args.command == "compile":
             return _compile(args.file, args.emit, args.optimize, args.output)
+        if args.command == "run":
+            return _run(args)
     except KeyboardInterrupt:
         print("fedlang: interrupted", file=sys.stderr)
         return 130
@@ -134,9 +189,7 @@ def _compile(file: str, emit: str | None, optimize: bool, output: str | None) ->
     """`fedlang compile`. Passes and phase splitting are imported here, not at start-up, so
     `fedlang check` stays fast."""
     if output is not None and emit is None:
-        print("fedlang compile: writing an executable plan (-o without --emit) is not supported yet; "
-              "use --emit ir|dot|phases|png|svg to see what the compiler makes", file=sys.stderr)
-        return EXIT_USAGE
+        return _write_plan(file, output, optimize)
     from fedlang.api import compile_ir
 
     result = _checked(file)
@@ -272,3 +325,136 @@ def _plural(n: int, noun: str) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- plans and runs ---------------------------------------------------------------------------
+
+def _quiet_tensorflow() -> None:
+    """Import TensorFlow without its start-up chatter (oneDNN and CUDA probing log lines that
+    C++ writes straight to file descriptor 2): those are not for users."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    if "tensorflow" in sys.modules or os.environ.get("FEDLANG_DEBUG"):
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _plan_from_source(file: str, optimize: bool = True):
+    """Check and compile FILE into an in-memory plan; None (diagnostics printed) on errors."""
+    result = _checked(file)
+    if result is None:
+        return None
+    _quiet_tensorflow()
+    from fedlang.api import compile_ir
+    from fedlang.backends.plan import compile_plan
+
+    program = compile_ir(result, optimize=optimize)
+    return compile_plan(program, os.path.basename(file), dict(result.sources.texts))
+
+
+def _backend_failure(what: str, error: Exception) -> int:
+    print(f"fedlang: {what}: {error}\n"
+          "This is a limitation of this version of fedlang's TensorFlow backend, not an error in your "
+          "program.", file=sys.stderr)
+    return EXIT_ERRORS
+
+
+def _write_plan(file: str, output: str, optimize: bool) -> int:
+    from fedlang.backends.plan import PlanError
+
+    try:
+        plan = _plan_from_source(file, optimize)
+        if plan is None:
+            return EXIT_ERRORS
+        plan.save(output)
+    except PlanError as error:
+        print(f"fedlang compile: {error}", file=sys.stderr)
+        return EXIT_ERRORS
+    except _backend_errors() as error:
+        return _backend_failure(f"cannot compile {file} to a plan", error)
+    except OSError as error:
+        print(f"fedlang compile: cannot write {output}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_ERRORS
+    comps = len(plan.computations)
+    print(f"fedlang: wrote {output}: {_plural(comps, 'computation')}, "
+          f"{_plural(len(plan.functions), 'TensorFlow function')}; run it with `fedlang run {output}`")
+    return EXIT_OK
+
+
+def _backend_errors() -> tuple:
+    from fedlang.backends.layout import LayoutError
+    from fedlang.backends.tensorflow.lower import LoweringError
+    from fedlang.ir.phases import PhaseSplitError
+    return (LoweringError, LayoutError, PhaseSplitError)
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str] | None:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value:
+            print(f"fedlang run: {flag} {item}: expected NAME=VALUE", file=sys.stderr)
+            return None
+        out[name.strip()] = value
+    return out
+
+
+def _run(args) -> int:
+    import time
+    from pathlib import Path
+
+    from fedlang.backends.plan import PlanError
+
+    target = args.target
+    data, values = _pairs(args.data, "--data"), _pairs(args.arg, "--arg")
+    if data is None or values is None:
+        return EXIT_USAGE
+    _quiet_tensorflow()
+    from fedlang.backends.runner import RunConfig, Runner, RunError
+
+    config = RunConfig(target=target, entry=args.entry, rounds=args.rounds,
+                       clients_per_round=args.clients_per_round, seed=args.seed, data=data, args=values,
+                       batch_size=args.batch_size, clients_per_chunk=args.clients_per_chunk,
+                       dropout=args.dropout, out=args.out, logdir=args.logdir)
+    resume = args.resume is not None
+    if resume:
+        out = Path(args.resume)
+        try:
+            saved = json.loads((out / "run.json").read_text())
+            if not (out / "checkpoint" / "checkpoint.json").is_file():
+                raise FileNotFoundError("no checkpoint")
+        except (OSError, ValueError) as error:
+            print(f"fedlang run: --resume {out}: not a run folder with a checkpoint ({error}); "
+                  "a run folder holds run.json and checkpoint/ once its first round has finished",
+                  file=sys.stderr)
+            return EXIT_ERRORS
+        config = RunConfig(**{**saved, "target": target})
+    if not os.path.exists(target):
+        print(f"fedlang run: {target}: no such file or plan directory", file=sys.stderr)
+        return EXIT_ERRORS
+    try:
+        if os.path.isdir(target):
+            from fedlang.backends.plan import load_plan
+            plan = load_plan(target)
+        else:
+            plan = _plan_from_source(target)
+            if plan is None:
+                return EXIT_ERRORS
+        if not resume:
+            stem = os.path.splitext(os.path.basename(target.rstrip("/")))[0]
+            out = Path(config.out or os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        return Runner(plan, config, out, progress=args.progress).run(resume=resume)
+    except (PlanError, RunError) as error:
+        print(f"fedlang run: {error}", file=sys.stderr)
+        return EXIT_ERRORS
+    except _backend_errors() as error:
+        return _backend_failure(f"cannot run {target}", error)

@@ -730,13 +730,6 @@ def test_compile_without_emit_summarizes(capsys, repo_root):
     assert code == 0 and "compiled" in out and "--emit" in out
 
 
-def test_compile_refuses_plans_for_now(capsys, repo_root):
-    code, out, err = cli(capsys, "compile", MEAN, "-o", "mean.fedplan")
-    assert code == 2 and out == ""
-    assert "not supported yet" in err
-    assert not (ROOT / "mean.fedplan").exists()
-
-
 def test_compile_reports_program_errors_like_check(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.fed").write_text("fn f(x: float32) -> int32 = x\n")

@@ -1,0 +1,396 @@
+"""`fedlang run`: a plan's process for R rounds (or one computation) on bound client data.
+
+A round samples `clients_per_round` of the source's clients with a generator
+seeded by (seed, round) -- so a resumed run samples what an uninterrupted one
+does -- drops each with probability `dropout` (same generator), binds the
+survivors' data and calls the process's `next`. After every round the metrics
+line is appended to metrics.jsonl (flushed to disk) and then the server state
+is checkpointed atomically; `--resume DIR` reads the run's settings from
+DIR/run.json, the state from DIR/checkpoint/ and continues, dropping metrics
+lines of a round whose checkpoint was never written.
+
+Out dir layout:  run.json  metrics.jsonl  checkpoint/{state.npz,checkpoint.json}
+                 state.npz + state.json (final state)  result.json (a computation's result)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import numpy as np
+
+from fedlang.backends import layout
+from fedlang.backends.plan import Plan, PlanError
+from fedlang.backends.simulator import Simulator
+from fedlang.ir.types import FederatedType, Placement, SequenceType, StructType, TensorType, Type
+from fedlang.ir.values import Struct
+
+DEFAULT_ROUNDS = 50
+DEFAULT_CLIENTS_PER_ROUND = 10
+
+
+class RunError(Exception):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+@dataclass
+class RunConfig:
+    target: str
+    entry: str | None = None
+    rounds: int | None = None
+    clients_per_round: int | None = None
+    seed: int = 0
+    data: dict[str, str] = field(default_factory=dict)
+    args: dict[str, str] = field(default_factory=dict)
+    batch_size: int | None = None
+    clients_per_chunk: int | None = None
+    dropout: float = 0.0
+    out: str | None = None
+    logdir: str | None = None
+
+
+def _parse_type(text: str) -> Type:
+    from fedlang.types import parse
+    return parse(text)
+
+
+# ---- choosing what to run and binding its parameters ---------------------------------------
+
+def choose_entry(plan: Plan, entry: str | None) -> tuple[str, str | None]:
+    """(computation to call each round or once, process name or None)."""
+    if entry is not None:
+        if entry in plan.processes:
+            return plan.processes[entry][1], entry
+        if entry in plan.computations:
+            return entry, None
+        names = sorted(plan.processes) + [n for n in plan.order if n not in plan.processes]
+        raise RunError(f"the program has no process or comp `{entry}`; it has: {', '.join(names) or 'none'}")
+    if plan.processes:
+        name = next(iter(plan.processes))
+        return plan.processes[name][1], name
+    if plan.order:
+        return plan.order[0], None
+    raise RunError("the program has no process and no comp to run")
+
+
+def _is_client_data(t: Type) -> bool:
+    return isinstance(t, FederatedType) and t.placement is Placement.CLIENTS and not t.all_equal
+
+
+def _data_defaults(member: Type) -> list[str]:
+    """Built-in sources worth trying for a parameter, most specific first."""
+    return ["digits", "sensors"]
+
+
+@dataclass
+class Binding:
+    name: str
+    member: Type
+    spec: str
+    source: Any
+    chosen: bool = False        # picked automatically (no --data)
+
+
+def bind_parameters(comp_params: list[tuple[str, Type]], config: RunConfig, skip_first: bool) -> tuple[list, list]:
+    """Data bindings for the client parameters and values for the server ones."""
+    from fedlang.backends.data import DataError, bind, open_source
+    from fedlang.ir.values import conform
+
+    bindings, fixed = [], {}
+    params = comp_params[1:] if skip_first else comp_params
+    unknown = set(config.data) - {n for n, _ in params}
+    unknown |= set(config.args) - {n for n, _ in params}
+    if unknown:
+        raise RunError(f"no parameter named {', '.join(sorted(unknown))}; the parameters are "
+                       f"{', '.join(n for n, _ in params) or 'none'}")
+    for name, t in params:
+        if _is_client_data(t):
+            spec = config.data.get(name)
+            if spec is not None:
+                try:
+                    source = open_source(spec)
+                    bind(source, t.member, config.batch_size, [0] if source.client_ids else [])
+                except DataError as error:
+                    raise RunError(f"--data {name}={spec}: {error}") from None
+                bindings.append(Binding(name, t.member, spec, source))
+                continue
+            for candidate in _data_defaults(t.member):
+                try:
+                    source = open_source(candidate)
+                    bind(source, t.member, config.batch_size, [0])
+                except DataError:
+                    continue
+                bindings.append(Binding(name, t.member, candidate, source, chosen=True))
+                break
+            else:
+                raise RunError(f"parameter `{name}: {t}` needs client data and no built-in data set has that "
+                               f"type; pass --data {name}=SPEC (see docs/data.md)")
+        else:
+            text = config.args.get(name)
+            if text is None:
+                raise RunError(f"parameter `{name}: {t}` needs a value; pass --arg {name}=VALUE (a number or "
+                               f"JSON)")
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError:
+                raise RunError(f"--arg {name}={text}: not a number or JSON value") from None
+            member = t.member if isinstance(t, FederatedType) else t
+            try:
+                fixed[name] = conform(raw, member, f"--arg {name}")
+            except TypeError as error:
+                raise RunError(str(error)) from None
+    return bindings, [fixed.get(n) for n, _ in params]
+
+
+# ---- state files -----------------------------------------------------------------------------
+
+def save_state(folder: Path, value: Any, t: Type, extra: dict) -> None:
+    """Write state.npz (the state's flat layout) and a JSON file, atomically as a folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    arrays = layout.flatten(value, t, True)
+    np.savez(work / "state.npz", **{f"a{i}": a for i, a in enumerate(arrays)})
+    (work / "checkpoint.json").write_text(json.dumps({"type": str(t), **extra}, indent=1) + "\n")
+    _fsync_dir(work)
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(work, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(folder: Path) -> tuple[Any, dict]:
+    info = json.loads((folder / "checkpoint.json").read_text())
+    t = _parse_type(info["type"])
+    with np.load(folder / "state.npz", allow_pickle=False) as data:
+        arrays = [data[f"a{i}"] for i in range(len(data.files))]
+    return layout.unflatten_all(arrays, [t], True)[0], info
+
+
+def _fsync_dir(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+
+def metrics_dict(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A metrics value as flat JSON: struct fields joined by '/', scalars as numbers."""
+    if value is None:
+        return {}
+    if isinstance(value, Struct):
+        out: dict[str, Any] = {}
+        for i, (n, v) in enumerate(value.items()):
+            out.update(metrics_dict(v, f"{prefix}{n if n is not None else i}/"))
+        return out
+    key = prefix[:-1] or "value"
+    array = np.asarray(value)
+    if array.ndim == 0:
+        item = array.item()
+        return {key: item if not isinstance(item, float) or math.isfinite(item) else str(item)}
+    return {key: array.tolist()}
+
+
+def _summary(metrics: dict) -> str:
+    parts = []
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            parts.append(f"{k}={v:.4f}")
+        elif isinstance(v, (int, str)):
+            parts.append(f"{k}={v}")
+    return "  ".join(parts)
+
+
+def format_value(value: Any) -> str:
+    from fedlang.ir.values import to_python
+    v = to_python(value)
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, Struct):
+        return "<" + ", ".join((f"{n}=" if n else "") + format_value(x) for n, x in v.items()) + ">"
+    if isinstance(v, np.ndarray):
+        return np.array2string(v, precision=4, threshold=20)
+    if isinstance(v, list):
+        inner = ", ".join(format_value(x) for x in v[:8])
+        return f"[{inner}{', ...' if len(v) > 8 else ''}] ({len(v)} clients)"
+    return str(v)
+
+
+# ---- running ---------------------------------------------------------------------------------
+
+class Runner:
+    def __init__(self, plan: Plan, config: RunConfig, out: Path, stdout: TextIO = sys.stdout,
+                 progress: bool = True):
+        self.plan, self.config, self.out, self.stdout = plan, config, out, stdout
+        self.progress = progress
+        self.sim = Simulator(plan, config.clients_per_chunk)
+
+    def say(self, text: str) -> None:
+        from tqdm import tqdm
+        tqdm.write(text, file=self.stdout)
+        self.stdout.flush()
+
+    def run(self, resume: bool = False) -> int:
+        comp_name, process = choose_entry(self.plan, self.config.entry)
+        comp = self.plan.computations[comp_name]
+        params = [(n, _parse_type(t)) for n, t in comp.params]
+        if process is None:
+            return self._run_once(comp_name, params)
+        return self._run_process(process, comp_name, params, resume)
+
+    def _describe(self, bindings: list[Binding]) -> None:
+        for b in bindings:
+            how = " (built-in, chosen by type; pass --data to use another)" if b.chosen else ""
+            self.say(f"data: {b.name} = {b.spec}: {len(b.source.client_ids)} clients{how}")
+
+    def _bind(self, bindings: list[Binding], clients: list[int]) -> list:
+        from fedlang.backends.data import DataError, bind
+        try:
+            return [bind(b.source, b.member, self.config.batch_size, clients) for b in bindings]
+        except DataError as error:
+            raise RunError(str(error)) from None
+
+    def _run_once(self, name: str, params: list) -> int:
+        bindings, fixed = bind_parameters(params, self.config, skip_first=False)
+        self._describe(bindings)
+        n = _common_clients(bindings)
+        data = iter(self._bind(bindings, list(range(n))))
+        args = [next(data) if _is_client_data(t) else fixed[i] for i, (_, t) in enumerate(params)]
+        start = time.perf_counter()
+        result = self.sim.call(name, args)
+        seconds = time.perf_counter() - start
+        self.out.mkdir(parents=True, exist_ok=True)
+        comp_t = _parse_type(self.plan.computations[name].type)
+        (self.out / "result.json").write_text(json.dumps(
+            {"computation": name, "type": str(comp_t), "clients": n, "seconds": seconds,
+             "result": metrics_dict(result)}, indent=1) + "\n")
+        self.say(f"{name}({', '.join(n for n, _ in params)}) over {n} clients = {format_value(result)}")
+        self.say(f"result written to {self.out / 'result.json'}")
+        return 0
+
+    def _run_process(self, process: str, next_name: str, params: list, resume: bool) -> int:
+        from tqdm import tqdm
+
+        init_name = self.plan.processes[process][0]
+        cfg = self.config
+        rounds = cfg.rounds if cfg.rounds is not None else DEFAULT_ROUNDS
+        bindings, fixed = bind_parameters(params, cfg, skip_first=True)
+        self._describe(bindings)
+        total = _common_clients(bindings)
+        per_round = min(cfg.clients_per_round or DEFAULT_CLIENTS_PER_ROUND, total)
+        state_t = params[0][1].member if isinstance(params[0][1], FederatedType) else params[0][1]
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.out / "metrics.jsonl"
+        start_round = 0
+        if resume:
+            state, info = load_state(self.out / "checkpoint")
+            start_round = int(info["round"]) + 1
+            _truncate_metrics(metrics_path, start_round)
+            self.say(f"resuming {process} from {self.out} after round {start_round - 1}")
+        else:
+            (self.out / "run.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+            metrics_path.write_text("")
+            state = self.sim.call(init_name, [])
+        writer = _tensorboard(cfg.logdir)
+        self.say(f"{process}: {rounds} rounds, {per_round} of {total} clients per round, seed {cfg.seed}"
+                 + (f", dropout {cfg.dropout}" if cfg.dropout else "") + f"; writing {self.out}")
+        bar = tqdm(total=rounds, initial=start_round, desc=process, unit="round", file=sys.stderr,
+                   disable=not self.progress, leave=False, dynamic_ncols=True)
+        last: dict = {}
+        try:
+            for r in range(start_round, rounds):
+                began = time.perf_counter()
+                rng = np.random.default_rng([cfg.seed, r])
+                selected = sorted(int(c) for c in rng.choice(total, per_round, replace=False))
+                survivors = [c for c in selected if not (cfg.dropout and rng.random() < cfg.dropout)]
+                line: dict[str, Any] = {"round": r}
+                if not survivors:
+                    line.update({"clients": 0, "dropped": len(selected), "skipped": True})
+                    note = "no client survived: the state is kept"
+                else:
+                    data = iter(self._bind(bindings, survivors))
+                    args = [state] + [next(data) if _is_client_data(t) else fixed[i]
+                                      for i, (_, t) in enumerate(params[1:])]
+                    out = self.sim.call(next_name, args)
+                    if isinstance(out, Struct) and out.names == ("state", "metrics"):
+                        state, metrics = out["state"], out["metrics"]
+                    else:
+                        state, metrics = out, None
+                    line.update(metrics_dict(metrics))
+                    line.update({"clients": len(survivors), "dropped": len(selected) - len(survivors)})
+                    note = ""
+                line["seconds"] = round(time.perf_counter() - began, 6)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(line) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                save_state(self.out / "checkpoint", state, state_t, {"round": r, "process": process})
+                if writer is not None:
+                    _write_scalars(writer, line, r)
+                bar.update(1)
+                shown = {k: v for k, v in line.items() if k not in ("round", "seconds", "skipped")}
+                self.say(f"round {r + 1:>3}/{rounds}  {_summary(shown)}  ({line['seconds'] * 1000:.0f} ms)"
+                         + (f"  {note}" if note else ""))
+                last = line
+        except KeyboardInterrupt:
+            bar.close()
+            self.say(f"interrupted; every finished round is saved. Resume with: "
+                     f"fedlang run {cfg.target} --resume {self.out}")
+            return 130
+        bar.close()
+        save_state(self.out / "final", state, state_t, {"round": rounds - 1, "process": process})
+        for name in ("state.npz", "checkpoint.json"):
+            os.replace(self.out / "final" / name, self.out / ("state.npz" if name == "state.npz" else "state.json"))
+        shutil.rmtree(self.out / "final", ignore_errors=True)
+        if writer is not None:
+            writer.flush()
+        final = {k: v for k, v in last.items() if k not in ("round", "seconds", "skipped", "clients", "dropped")}
+        self.say(f"done: {rounds} rounds; final {_summary(final) or 'state saved'}")
+        self.say(f"metrics: {metrics_path}   final state: {self.out / 'state.npz'}")
+        return 0
+
+
+def _common_clients(bindings: list[Binding]) -> int:
+    counts = {len(b.source.client_ids) for b in bindings}
+    if len(counts) > 1:
+        detail = ", ".join(f"{b.name}={b.spec} has {len(b.source.client_ids)}" for b in bindings)
+        raise RunError(f"the client data sets have different numbers of clients ({detail})")
+    return counts.pop() if counts else 0
+
+
+def _truncate_metrics(path: Path, next_round: int) -> None:
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["round"] < next_round:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue                     # a line cut by the interruption
+    path.write_text("".join(k + "\n" for k in kept))
+
+
+def _tensorboard(logdir: str | None):
+    if not logdir:
+        return None
+    import tensorflow as tf
+    return tf.summary.create_file_writer(logdir)
+
+
+def _write_scalars(writer, line: dict, step: int) -> None:
+    import tensorflow as tf
+    with writer.as_default(step=step):
+        for k, v in line.items():
+            if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                tf.summary.scalar(k, v)

@@ -1,0 +1,214 @@
+"""The local simulator: runs a plan's computations over many clients on one machine.
+
+    sim = Simulator(plan)
+    result = sim.call("mean_temperature", [[20.0, 22.5, 19.0]])
+    state = sim.call("initialize", [])
+    out = sim.call("round", [state, client_datasets])      # client_datasets: one value per client
+
+Arguments and results are interpreter values (fedlang.ir.values; a list with
+one entry per client for values at CLIENTS). Server phases run once. A
+vectorized client phase runs once per chunk of clients: the chunk's values are
+stacked along a leading client axis (sequences padded, with per-client lengths
+and per-step row counts so every client computes exactly what it would alone)
+and each aggregation folds the chunk's stacked results into a partial
+(fedlang.backends.aggregation) before the next chunk runs, so memory is bounded
+by the chunk size. A `per_client` phase runs client by client.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from fedlang.backends.aggregation import Aggregator
+from fedlang.backends.plan import ComputationPlan, PhasePlan, Plan, PlanError, _parse_type
+from fedlang.ir.values import Struct, leafwise
+
+# Automatic chunk size: about this many scalars of client data per chunk (~256 MB of float32).
+CHUNK_BUDGET = 64_000_000
+
+
+class Simulator:
+    def __init__(self, plan: Plan, clients_per_chunk: int | None = None,
+                 on_chunk: Callable[[int, int], None] | None = None):
+        self.plan = plan
+        self.clients_per_chunk = clients_per_chunk
+        self.on_chunk = on_chunk           # progress: (clients done, clients total) per client phase
+        self._types: dict[str, Any] = {}
+
+    def type_of(self, text: str):
+        t = self._types.get(text)
+        if t is None:
+            t = self._types[text] = _parse_type(text)
+        return t
+
+    # ---------------------------------------------------------------------------------------------
+    def call(self, name: str, args: Sequence[Any], clients: int | None = None) -> Any:
+        """Run computation `name`; `clients` is the number of clients when no argument at
+        CLIENTS says it (a comp that only broadcasts)."""
+        comp = self.plan.computations.get(name)
+        if comp is None:
+            raise PlanError(f"the plan has no computation `{name}`")
+        n = _num_clients(comp, args, self, clients)
+        server: dict[str, Any] = {}
+        kept: dict[str, Any] = {}           # client values kept between client phases: name -> per-client list
+        results: dict[str, list] = {}       # client values in the result
+        for phase in comp.phases:
+            if phase.kind == "server":
+                values = [self._server_input(v, server, args) for v in phase.inputs]
+                out = phase.function(*values)
+                server.update(zip((o["name"] for o in phase.outputs), out.values))
+            else:
+                self._client_phase(phase, args, n, server, kept, results)
+        return _assemble(comp.result, server, results, n)
+
+    def _server_input(self, v: dict, server: dict, args) -> Any:
+        if v["role"] == "param":
+            return _argument(args, v["param"])
+        return server[v["name"]]
+
+    def _chunks(self, n: int, phase: PhasePlan, args) -> list[range]:
+        size = self.clients_per_chunk
+        if size is None:
+            size = max(1, min(n, CHUNK_BUDGET // max(1, _scalars_per_client(phase, args, n))))
+        return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def _client_phase(self, phase: PhasePlan, args, n: int, server: dict, kept: dict, results: dict) -> None:
+        from fedlang.ir.batching import stack_clients, unstack_clients
+
+        aggregators = [self._aggregator(a, server) for a in phase.aggregations]
+        partials = [a.empty() for a in aggregators]
+        names = [o["name"] for o in phase.outputs]
+        keep = [o["name"] for o in phase.outputs if "client" in o["role"].split("+") or
+                "result" in o["role"].split("+")]
+        collected: dict[str, list] = {k: [] for k in keep}
+        stack_kwargs = {"ragged": True}
+        if phase.rows:
+            stack_kwargs["rows"] = True
+        done = 0
+        for chunk in self._chunks(n, phase, args):
+            columns = []
+            for v in phase.inputs:
+                if v["role"] == "broadcast":
+                    columns.append(server[v["name"]])
+                elif v["role"] == "client":
+                    columns.append([kept[v["name"]][c] for c in chunk])
+                else:
+                    value = _argument(args, v["param"])
+                    columns.append([value[c] for c in chunk] if v.get("batched") else value)
+            if phase.mode == "vectorized":
+                values = [stack_clients(col, **stack_kwargs) if v.get("batched") else col
+                          for v, col in zip(phase.inputs, columns)]
+                out = phase.function(*values)
+                stacked = dict(zip(names, out.values))
+                for k in keep:
+                    collected[k].extend(unstack_clients(stacked[k], len(chunk), ragged=True))
+            else:
+                per_client = []
+                for j in range(len(chunk)):
+                    values = [col[j] if v.get("batched") else col for v, col in zip(phase.inputs, columns)]
+                    per_client.append(phase.function(*values))
+                stacked = {}
+                for i, name in enumerate(names):
+                    column = [o.values[i] for o in per_client]
+                    if name in collected:
+                        collected[name].extend(column)
+                    stacked[name] = _stack(column)
+            for k, (agg, spec) in enumerate(zip(aggregators, phase.aggregations)):
+                weights = stacked[spec["weight"]] if spec["weight"] else None
+                partials[k] = agg.add(partials[k], stacked[spec["value"]], len(chunk), weights,
+                                      start=chunk.start, total=n)
+            done += len(chunk)
+            if self.on_chunk is not None:
+                self.on_chunk(done, n)
+        for name, values in collected.items():
+            kept[name] = values
+            results[name] = values
+        for agg, spec, partial in zip(aggregators, phase.aggregations, partials):
+            server[spec["result"]] = agg.report(partial)
+
+    def _aggregator(self, spec: dict, server: dict) -> Aggregator:
+        functions = {}
+        for role, ref in spec["functions"].items():
+            pf = self.plan.functions[ref["key"]]
+            captured = [server[c] for c in ref["captured"]]
+            functions[role] = _bind(pf, ref["arity"], captured)
+        zero = server[spec["zero"]] if spec["zero"] else None
+        return Aggregator(spec["op"], self.type_of(spec["type"]), spec["attrs"], zero, functions)
+
+
+def _bind(pf, arity: int, captured: list) -> Callable:
+    def call(*args):
+        if len(args) != arity:
+            args = (Struct(args),) if arity == 1 else tuple(args[0].values)
+        return pf(*args, *captured)
+    return call
+
+
+def _stack(values: list) -> Any:
+    if not values:
+        return None
+    first = values[0]
+    if isinstance(first, Struct):
+        return Struct((_stack([v.values[i] for v in values]) for i in range(len(first))), first.names)
+    if isinstance(first, list):
+        return None                      # sequences are never aggregated
+    return np.stack([np.asarray(v) for v in values])
+
+
+def _argument(args: Sequence[Any], path: Sequence[int]) -> Any:
+    value = args[path[0]]
+    for k in path[1:]:
+        value = value[k]
+    return value
+
+
+def _num_clients(comp: ComputationPlan, args: Sequence[Any], sim: Simulator, clients: int | None) -> int:
+    from fedlang.ir.types import FederatedType, Placement
+
+    counts = set()
+    for phase in comp.phases:
+        for v in phase.inputs:
+            if v["role"] == "param" and v.get("batched"):
+                counts.add(len(_argument(args, v["param"])))
+    if len(counts) > 1:
+        raise PlanError(f"every value at CLIENTS needs one entry per client; got {sorted(counts)}")
+    if counts:
+        return counts.pop()
+    for (_, text), a in zip(comp.params, args):
+        t = sim.type_of(text)
+        if isinstance(t, FederatedType) and t.placement is Placement.CLIENTS and isinstance(a, list):
+            return len(a)
+    return clients or 0
+
+
+def _scalars_per_client(phase: PhasePlan, args, n: int) -> int:
+    """A rough size of one client's inputs (for the automatic chunk size)."""
+    if n == 0:
+        return 1
+    total = 0
+    for v in phase.inputs:
+        if v["role"] == "param" and v.get("batched"):
+            total += _size(_argument(args, v["param"])[0])
+    return max(total, 1)
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, Struct):
+        return sum(_size(v) for v in value.values)
+    if isinstance(value, list):
+        return sum(_size(v) for v in value)
+    return int(np.size(value))
+
+
+def _assemble(layout: list, server: dict, results: dict, n: int) -> Any:
+    kind = layout[0]
+    if kind == "struct":
+        return Struct((_assemble(part, server, results, n) for part in layout[2]), layout[1])
+    if kind == "server":
+        return server[layout[1]]
+    if kind == "replicate":
+        return [server[layout[1]]] * n
+    return results[layout[1]]

@@ -1,0 +1,1 @@
+"""The TensorFlow backend: every primitive's lowering, phases as tf.functions, plans."""
