@@ -71,7 +71,8 @@ class Aggregator:
     def add(self, partial: Partial, stacked: Any, clients: int, weights: np.ndarray | None = None,
             start: int = 0, total: int | None = None) -> Partial:
         """Fold a group of `clients` stacked values into `partial`. For federated_aggregate,
-        `start` is the group's first client index among `total` (the halves are cut there)."""
+        `stacked` is the list of the clients' values and `start` the group's first client index
+        among `total` (the halves are cut there)."""
         if clients == 0:
             return partial
         op = self.op
@@ -108,7 +109,7 @@ class Aggregator:
         accs = list(partial.value)
         for c in range(clients):
             k = 0 if start + c < half else 1
-            accs[k] = accumulate(accs[k], leafwise(lambda x: x[c], stacked))
+            accs[k] = accumulate(accs[k], stacked[c])
         return Partial(self.op, accs, 0.0, partial.clients + clients)
 
     def merge(self, a: Partial, b: Partial) -> Partial:

@@ -52,19 +52,26 @@ class PlanFunction:
     key: str
     in_types: list[Type]
     out_type: Type
-    ragged: bool
+    ragged: bool                    # the result's layout (and how the function builds sequences)
     run: Callable = None
+    in_ragged: list[bool] | None = None   # per input; default: `ragged`
+
+    def input_layouts(self) -> list[bool]:
+        return self.in_ragged if self.in_ragged is not None else [self.ragged] * len(self.in_types)
 
     def __call__(self, *values: Any) -> Any:
-        flat = layout.flatten_all(values, self.in_types, self.ragged)
+        flat = []
+        for v, t, r in zip(values, self.in_types, self.input_layouts()):
+            layout.flatten(v, t, r, flat)
         out = self.run(*flat)
         arrays = [np.asarray(o) for o in out]
         return layout.unflatten_all(arrays, [self.out_type], self.ragged)[0]
 
     def to_json(self) -> dict:
         return {"key": self.key, "inputs": [str(t) for t in self.in_types], "output": str(self.out_type),
-                "ragged": self.ragged,
-                "slots": [s.to_json() for t in self.in_types for s in layout.slots(t, self.ragged)]}
+                "ragged": self.ragged, "in_ragged": self.input_layouts(),
+                "slots": [s.to_json() for t, r in zip(self.in_types, self.input_layouts())
+                          for s in layout.slots(t, r)]}
 
 
 @dataclass
@@ -189,16 +196,20 @@ def _compile_computation(plan: Plan, name: str, function, program) -> None:
         fn = phase.function
         if phase.kind == "client":
             batched = [_per_client(v, function) for v in phase.inputs]
-            for entry, b in zip(inputs, batched):
+            for entry, v, b in zip(inputs, phase.inputs, batched):
                 entry["batched"] = b
+                # an all-equal value at CLIENTS is passed as a list with one (equal) entry per client
+                entry["listed"] = b or _at_clients(v, function)
             try:
                 fn, rows = _vectorize(vectorize, phase.function, tuple(batched), sub)
                 mode = "vectorized"
             except NotVectorizable:
                 mode = "per_client"
         ragged = mode != "vectorized"
+        # unbatched inputs of a vectorized phase (broadcasts, all-equal values) keep the ragged layout
+        in_ragged = [True] * len(fn.params) if ragged else [not e["batched"] for e in inputs]
         pf = PlanFunction(key, [t for _, t in fn.params], fn.type.result, ragged,
-                          phase_function(fn, sub, ragged))
+                          phase_function(fn, sub, ragged, in_ragged=in_ragged), in_ragged)
         plan.functions[key] = pf
         aggregations = []
         for k, agg in enumerate(phase.aggregations):
@@ -248,14 +259,26 @@ def _per_client(v, comp) -> bool:
     """Whether a client phase input differs per client (is batched when vectorized)."""
     if v.role == "client":
         return True
+    t = _param_type(v, comp)
+    return isinstance(t, FederatedType) and not t.all_equal
+
+
+def _at_clients(v, comp) -> bool:
+    from fedlang.ir.types import Placement
+    t = _param_type(v, comp)
+    return isinstance(t, FederatedType) and t.placement is Placement.CLIENTS
+
+
+def _param_type(v, comp) -> Type | None:
+    """The declared type of the comp argument a `param` input comes from (its federated part)."""
     if v.role != "param":
-        return False
+        return None
     t = comp.params[v.param[0]][1]
     for k in v.param[1:]:
         if isinstance(t, FederatedType):
             break
         t = t.types[k]
-    return isinstance(t, FederatedType) and not t.all_equal
+    return t
 
 
 def _json_attr(value: Any) -> Any:
@@ -281,7 +304,7 @@ def load_plan(path: str | os.PathLike) -> Plan:
     if not root.is_dir():
         raise PlanError(f"{root}: no such plan directory (write one with `fedlang compile PROG.fed -o {root}`)")
     if not manifest_path.is_file():
-        raise PlanError(f"{root}: not a plan: plan.json is missing")
+        raise PlanError(f"{root}: not a plan: plan.json is missing (write a plan with `fedlang compile PROG.fed -o {root}`)")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -328,8 +351,10 @@ def _load_function(root: Path, key: str, entry: dict) -> PlanFunction:
     in_types = [_parse_type(t) for t in entry["inputs"]]
     out_type = _parse_type(entry["output"])
     ragged = bool(entry["ragged"])
+    in_ragged = [bool(r) for r in entry["in_ragged"]]
     expected = [layout.Slot.from_json(s) for s in entry["slots"]]
-    if expected != [s for t in in_types for s in layout.slots(t, ragged)]:
+    if len(in_ragged) != len(in_types) or \
+            expected != [s for t, r in zip(in_types, in_ragged) for s in layout.slots(t, r)]:
         raise PlanError(f"{root}: function {key}: its slots do not match its types; compile the plan again")
     try:
         module = tf.saved_model.load(str(folder))
@@ -337,4 +362,4 @@ def _load_function(root: Path, key: str, entry: dict) -> PlanFunction:
     except Exception as error:        # TensorFlow raises many kinds for a corrupt SavedModel
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PlanError(f"{root}: function {key} cannot be loaded ({first}); compile the plan again") from None
-    return PlanFunction(key, in_types, out_type, ragged, run)
+    return PlanFunction(key, in_types, out_type, ragged, run, in_ragged)

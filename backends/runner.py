@@ -229,9 +229,10 @@ def format_value(value: Any) -> str:
 # ---- running ---------------------------------------------------------------------------------
 
 class Runner:
-    def __init__(self, plan: Plan, config: RunConfig, out: Path, stdout: TextIO = sys.stdout,
+    def __init__(self, plan: Plan, config: RunConfig, out: Path, stdout: TextIO | None = None,
                  progress: bool = True):
-        self.plan, self.config, self.out, self.stdout = plan, config, out, stdout
+        self.plan, self.config, self.out = plan, config, out
+        self.stdout = stdout if stdout is not None else sys.stdout
         self.progress = progress
         self.sim = Simulator(plan, config.clients_per_chunk)
 

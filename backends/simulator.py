@@ -97,29 +97,36 @@ class Simulator:
                     columns.append([kept[v["name"]][c] for c in chunk])
                 else:
                     value = _argument(args, v["param"])
-                    columns.append([value[c] for c in chunk] if v.get("batched") else value)
+                    columns.append([value[c] for c in chunk] if v.get("listed") else value)
             if phase.mode == "vectorized":
-                values = [stack_clients(col, **stack_kwargs) if v.get("batched") else col
+                values = [_pad_steps(stack_clients(col, declared=self.type_of(v["type"]), **stack_kwargs))
+                          if v.get("batched") else col[0] if v.get("listed") else col
                           for v, col in zip(phase.inputs, columns)]
                 out = phase.function(*values)
                 stacked = dict(zip(names, out.values))
                 for k in keep:
                     collected[k].extend(unstack_clients(stacked[k], len(chunk), ragged=True))
+
+                def members(name, stacked=stacked, size=len(chunk)):
+                    return unstack_clients(stacked[name], size, ragged=True)
             else:
                 per_client = []
                 for j in range(len(chunk)):
-                    values = [col[j] if v.get("batched") else col for v, col in zip(phase.inputs, columns)]
+                    values = [col[j] if v.get("listed") else col for v, col in zip(phase.inputs, columns)]
                     per_client.append(phase.function(*values))
-                stacked = {}
+                stacked, columns_out = {}, {}
                 for i, name in enumerate(names):
-                    column = [o.values[i] for o in per_client]
+                    column = columns_out[name] = [o.values[i] for o in per_client]
                     if name in collected:
                         collected[name].extend(column)
                     stacked[name] = _stack(column)
+
+                def members(name, columns_out=columns_out):
+                    return columns_out[name]
             for k, (agg, spec) in enumerate(zip(aggregators, phase.aggregations)):
                 weights = stacked[spec["weight"]] if spec["weight"] else None
-                partials[k] = agg.add(partials[k], stacked[spec["value"]], len(chunk), weights,
-                                      start=chunk.start, total=n)
+                value = members(spec["value"]) if spec["op"] == "federated_aggregate" else stacked[spec["value"]]
+                partials[k] = agg.add(partials[k], value, len(chunk), weights, start=chunk.start, total=n)
             done += len(chunk)
             if self.on_chunk is not None:
                 self.on_chunk(done, n)
@@ -137,6 +144,44 @@ class Simulator:
             functions[role] = _bind(pf, ref["arity"], captured)
         zero = server[spec["zero"]] if spec["zero"] else None
         return Aggregator(spec["op"], self.type_of(spec["type"]), spec["attrs"], zero, functions)
+
+
+def _pad_steps(value: Any) -> Any:
+    """Stacked ragged sequences with row counts hold each step padded to that step's largest
+    batch; a graph wants one shape for all steps, so every step is padded further to the
+    largest, with copies of its last row (real data; the row counts mask it)."""
+    if not isinstance(value, Struct):
+        return value
+    if value.names == ("elements", "lengths", "rows") and isinstance(value.values[0], list):
+        steps = value.values[0]
+        if len(steps) > 1:
+            leaves = [_leaves(e) for e in steps]
+            widest = [np.max([leaf[k].shape for leaf in leaves], axis=0) for k in range(len(leaves[0]))]
+            steps = [_rebuild(e, iter([_pad_to(x, w) for x, w in zip(leaf, widest)]))
+                     for e, leaf in zip(steps, leaves)]
+        return Struct((steps, *value.values[1:]), value.names)
+    return Struct((_pad_steps(v) for v in value.values), value.names)
+
+
+def _leaves(value: Any) -> list:
+    if isinstance(value, Struct):
+        return [x for v in value.values for x in _leaves(v)]
+    return [value]
+
+
+def _rebuild(like: Any, parts) -> Any:
+    if isinstance(like, Struct):
+        return Struct((_rebuild(v, parts) for v in like.values), like.names)
+    return next(parts)
+
+
+def _pad_to(x: np.ndarray, shape) -> np.ndarray:
+    if tuple(x.shape) == tuple(shape):
+        return x
+    widths = [(0, int(w) - n) for n, w in zip(x.shape, shape)]
+    if any(n == 0 and w > 0 for n, (_, w) in zip(x.shape, widths)):
+        return np.zeros(tuple(int(w) for w in shape), x.dtype)     # nothing to copy (an empty batch)
+    return np.pad(x, widths, mode="edge")
 
 
 def _bind(pf, arity: int, captured: list) -> Callable:

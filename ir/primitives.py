@@ -1553,10 +1553,10 @@ def _vjp_zip_seq(emit, out, node, ct, wants):
 #
 # Built only by the vectorizer (`callable=False`) where a builtin has no parameter for
 # what a batching rule needs: leading axes to `keep` as they are, an axis to insert or
-# remove, random numbers for many seeds at once, a row picked per client. Each has a
-# type rule, a NumPy implementation, a derivative rule and a batching rule like every
-# entry, so a vectorized function is ordinary IR (it can be vectorized again, or
-# differentiated).
+# remove, random numbers for many seeds at once, a row picked per client, the valid rows
+# of a padded batch. Each has a type rule, a NumPy implementation, a derivative rule and
+# a batching rule like every entry, so a vectorized function is ordinary IR (it can be
+# vectorized again, or differentiated).
 
 def _first_tensor(t: Type) -> TensorType | None:
     """The first tensor of a value: itself, a struct's first leaf, a sequence element's."""
@@ -1642,6 +1642,16 @@ def _scatter_along(x: AVal, like: AVal, i: AVal, keep: int) -> AVal:
     t, lt, it = _tensor(strong(x), "x"), _tensor(strong(like), "like"), _tensor(strong(i), "i")
     _gather_batch(lt, it, keep, "scatter_along")
     return AVal(TensorType(t.dtype, lt.shape))
+
+
+def _row_mask(counts: AVal, like: AVal, axis: int) -> AVal:
+    ct, lt = _tensor(strong(counts), "counts"), _tensor(strong(like), "like")
+    _require_dtype(ct, INTEGER_DTYPES, "counts", "the counts of row_mask")
+    if not ct.rank <= axis < lt.rank:
+        raise TypeRuleError(f"row_mask marks axis {axis} of {lt} after the {ct.rank} axes of the counts", "axis",
+                            code="E049")
+    return AVal(TensorType("bool", ct.shape + tuple(lt.shape[i] if i == axis else 1
+                                                    for i in range(ct.rank, lt.rank))))
 
 
 def _first_leaf_value(value) -> np.ndarray:
@@ -1741,6 +1751,14 @@ def _np_scatter_along(x, like, i, keep):
     np.add.at(out, _gather_indices(batch, shape[:keep], i, shape[keep]),
               np.broadcast_to(x, batch + tuple(shape[keep + 1:])))
     return out
+
+
+def _np_row_mask(counts, like, axis):
+    """True where the index along `axis` is below the count of its leading index."""
+    counts, shape = _a(counts), np.shape(like)
+    k, rank = counts.ndim, len(shape)
+    iota = np.arange(shape[axis]).reshape((1,) * k + tuple(shape[i] if i == axis else 1 for i in range(k, rank)))
+    return iota < counts.reshape(counts.shape + (1,) * (rank - k))
 
 
 def _vjp_broadcast_leading(emit, out, node, ct, wants):
@@ -2019,6 +2037,15 @@ def _batch_counter_noise(emit, node, inputs, batched):
     return out if b_seed else (out, False)
 
 
+def _batch_row_mask(emit, node, inputs, batched):
+    # the counts get the client axis (they are small); like only lends a size, so a
+    # size-1 leading axis does for an unbatched one
+    (counts, like), (b_counts, b_like) = inputs, batched
+    counts = counts if b_counts else emit.broadcast(counts)
+    like = like if b_like else emit("expand_dims", like, axis=0)
+    return emit.same(node, [counts, like], axis=node.attr("axis") + 1)
+
+
 # structural nodes and loops: services of the vectorizer (fedlang.ir.batching.BatchEmitter)
 
 def _batch_binding(emit, node, inputs, batched):
@@ -2253,6 +2280,9 @@ _BATCHING = [
     Primitive("scatter_along", "<T[B|I..,R..],like[B..,n,R..],int[I..],keep> -> T[B..,n,R..]  (rows added)",
               _p("x", "like", "i", Param("keep", "int")), _scatter_along, impl=_np_scatter_along, callable=False,
               vjp=_vjp_scatter_along, batch=_batch_scatter_along),
+    Primitive("row_mask", "<int[S..],like[S..,..,n,..],axis> -> bool[S..,1..,n,1..]  (index along axis < counts[S..])",
+              _p("counts", "like", Param("axis", "int")), _row_mask, impl=_np_row_mask, callable=False,
+              vjp=_vjp_zero, batch=_batch_row_mask),
 ]
 _ENTRIES += _BATCHING
 

@@ -633,6 +633,14 @@ def _gather(name, data) -> Case:
                 lambda em, p: em(name, *p, keep=keep), {2: st.integers(0, n - 1)})
 
 
+@case("row_mask")
+def _row_mask(name, data) -> Case:
+    lead, rest = data.draw(shapes(0, 1)), data.draw(shapes(1, 3))
+    axis = len(lead) + data.draw(st.integers(0, len(rest) - 1))
+    return Case([T(I32, *lead), T(F64, *lead, *rest)], lambda em, p: em(name, *p, axis=axis),
+                {0: st.integers(-1, 4)})
+
+
 # Primitives without a case: never in IR that reaches vectorization.
 NO_CASE = {"grad", "value_and_grad"}       # expanded by the IR builder (their rule says so)
 

@@ -87,10 +87,10 @@ def test_run_a_process_writes_metrics_checkpoints_and_the_final_state(capsys, re
                               str(out), "--no-progress")
     assert code == 0, err
     assert "data: data = digits: 100 clients" in text
-    assert "round   3/3" in text and "metrics/loss=" in text
+    assert "round   3/3" in text and "loss=" in text
     lines = metrics(out)
     assert [m["round"] for m in lines] == [0, 1, 2]
-    assert all(m["clients"] == 5 and m["dropped"] == 0 and 0 <= m["metrics/accuracy"] <= 1 for m in lines)
+    assert all(m["clients"] == 5 and m["dropped"] == 0 and 0 <= m["accuracy"] <= 1 for m in lines)
     assert (out / "state.npz").exists() and (out / "checkpoint" / "state.npz").exists()
     assert json.loads((out / "state.json").read_text())["type"].startswith("<w1=float32[64,32]")
     for a, b in zip(state_arrays(out), state_arrays(out / "checkpoint")):

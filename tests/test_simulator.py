@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 import fedlang
@@ -32,7 +32,8 @@ from fedlang.ir.primitives import PRIMITIVES
 from fedlang.ir.types import FederatedType, Placement
 from fedlang.ir.values import Struct
 from fedlang.types import parse
-from test_passes import built_or_reject, random_args, runnable
+from test_passes import NoValue, built_or_reject, random_args, random_value, runnable
+from fedlang.ir.types import SequenceType, StructType, TensorType
 from fedlang.testing.strategies import programs as generated_programs
 
 
@@ -116,7 +117,39 @@ def test_the_client_phase_of_fedavg_is_vectorized(fedavg):
 
 # ---- random programs ---------------------------------------------------------------------------
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+def _with_rows(t, rows: int):
+    """`t` with every leading `?` fixed to `rows` (one batch of a sequence)."""
+    if isinstance(t, TensorType):
+        return TensorType(t.dtype, (rows,) + t.shape[1:]) if t.rank and t.shape[0] is None else t
+    if isinstance(t, StructType):
+        return StructType(tuple((n, _with_rows(f, rows)) for n, f in t.fields))
+    return t
+
+
+def ragged_value(t, rng, clients: int, unknown: int):
+    """Like test_passes.random_value, but every sequence has 0..4 elements and each element
+    its own number of rows (a leading `?`), as client data sets of batches have."""
+    if isinstance(t, SequenceType):
+        return [ragged_value(_with_rows(t.element, int(rng.integers(0, 5))), rng, clients, unknown)
+                for _ in range(int(rng.integers(0, 5)))]
+    if isinstance(t, StructType):
+        return Struct([ragged_value(f, rng, clients, unknown) for f in t.types], t.names)
+    if isinstance(t, FederatedType):
+        if t.placement is Placement.SERVER:
+            return ragged_value(t.member, rng, clients, unknown)
+        if t.all_equal:
+            return [ragged_value(t.member, rng, clients, unknown)] * clients
+        return [ragged_value(t.member, rng, clients, unknown) for _ in range(clients)]
+    return random_value(t, rng, clients, unknown)
+
+
+def ragged_args(function, seed: int, clients: int) -> list:
+    rng = np.random.default_rng(seed)
+    unknown = int(rng.integers(1, 4))
+    return [ragged_value(t, rng, clients, unknown) for _, t in function.params]
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow],
           phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target])
 @given(data=st.data(), seed=st.integers(0, 2 ** 32 - 1), chunk=st.sampled_from([None, 1, 2]))
 def test_generated_programs_agree_with_the_interpreter(data, seed, chunk):
@@ -134,13 +167,17 @@ def test_generated_programs_agree_with_the_interpreter(data, seed, chunk):
     for name in comps:
         if name in plan.skipped:
             continue
-        for clients in (1, 4):
-            args = random_args(program.functions[name], seed + clients, clients)
+        for clients, make in ((1, random_args), (4, random_args), (3, ragged_args), (5, ragged_args)):
+            try:
+                args = make(program.functions[name], seed + clients, clients)
+            except NoValue:
+                break
             try:
                 expected = interpret(program, name, args, clients)
             except Exception:      # noqa: BLE001 - the reference fails (a run-time error): nothing to compare
                 continue
             got = sim.call(name, args, clients)
+            event(f"compared ({make.__name__}, {plan.computations[name].phases[1].mode if len(plan.computations[name].phases) > 1 else 'server'})")
             assert close(got, expected, rtol=1e-4, atol=1e-5), \
                 f"{name} ({clients} clients):\n{generated.source}\nexpected {expected}\ngot {got}"
 

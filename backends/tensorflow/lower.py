@@ -127,8 +127,10 @@ def flatten(value: Any, t: Type, ragged: bool, out: list) -> list:
                     splits = splits[:seq.length + 1] - splits[0]
                 out += [values, splits]
             else:
-                if splits is not None:
-                    raise LoweringError(f"a sequence of {t.element} has elements of different shapes")
+                if splits is not None:          # flat -> stacked (here every element has one shape)
+                    per = splits[tf.minimum(1, seq.length)] - splits[0]
+                    values = tf.reshape(values[splits[0]:splits[seq.length]],
+                                        tf.concat([[seq.length, per], tf.shape(values)[1:]], 0))
                 out.append(values[:seq.length])
     else:
         raise LayoutError(f"no layout for {t}")
@@ -336,25 +338,28 @@ _STRUCTURAL: dict[str, Callable] = {
 
 # ---- phases as tf.functions -------------------------------------------------------------------
 
-def signature(types: Sequence[Type], ragged: bool) -> list[tf.TensorSpec]:
-    return [tensor_spec(s) for t in types for s in slots(t, ragged)]
+def signature(types: Sequence[Type], ragged: Sequence[bool]) -> list[tf.TensorSpec]:
+    return [tensor_spec(s) for t, r in zip(types, ragged) for s in slots(t, r)]
 
 
-def phase_function(function: Function, program: Program, ragged: bool, captured_types: Sequence[Type] = ()):
+def phase_function(function: Function, program: Program, ragged: bool, captured_types: Sequence[Type] = (),
+                   in_ragged: Sequence[bool] | None = None):
     """A tf.function of the flat layout of `function`'s parameters (then of the values it
-    captures, for aggregation functions) returning the flat layout of its result."""
+    captures, for aggregation functions) returning the flat layout of its result. `ragged`:
+    the result's layout; `in_ragged`: each input's (default `ragged`)."""
     param_types = [t for _, t in function.params]
     types = param_types + list(captured_types)
+    in_ragged = list(in_ragged) if in_ragged is not None else [ragged] * len(types)
     result_t = function.type.result if isinstance(function.type, FunctionType) else None
     if result_t is None:
         raise InternalCompilerError(f"{function.name} is not a function")
-    specs = signature(types, ragged)
+    specs = signature(types, in_ragged)
     slots(result_t, ragged)                   # a result without a layout fails here, not at trace time
 
     def run(*flat):
         it = iter(flat)
-        values = [unflatten(it, t, ragged) for t in types]
-        lw = Lowerer(program, ragged)
+        values = [unflatten(it, t, r) for t, r in zip(types, in_ragged)]
+        lw = Lowerer(program, True)           # loops build flat sequences: any element shapes
         out = lw.run(function, values[:len(param_types)], values[len(param_types):])
         return flatten(out, result_t, ragged, [])
 
