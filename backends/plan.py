@@ -63,15 +63,47 @@ class PlanFunction:
         flat = []
         for v, t, r in zip(values, self.in_types, self.input_layouts()):
             layout.flatten(v, t, r, flat)
-        out = self.run(*flat)
-        arrays = [np.asarray(o) for o in out]
+        out = self.call_flat(flat)
+        arrays = [o.numpy() if hasattr(o, "numpy") else np.asarray(o) for o in out]
         return layout.unflatten_all(arrays, [self.out_type], self.ragged)[0]
+
+    def call_flat(self, flat: list) -> list:
+        """Run on flat arrays. The function's one concrete graph is called directly: the
+        polymorphic tf.function entry costs more than a small round's whole graph."""
+        call = self.__dict__.get("_fast")
+        if call is None:
+            call = self.__dict__["_fast"] = _fast_caller(self.run)
+        return call(flat)
 
     def to_json(self) -> dict:
         return {"key": self.key, "inputs": [str(t) for t in self.in_types], "output": str(self.out_type),
                 "ragged": self.ragged, "in_ragged": self.input_layouts(),
                 "slots": [s.to_json() for t, r in zip(self.in_types, self.input_layouts())
                           for s in layout.slots(t, r)]}
+
+
+def _fast_caller(run) -> Callable:
+    import tensorflow as tf
+
+    concrete = None
+    try:
+        if hasattr(run, "get_concrete_function"):
+            concrete = run.get_concrete_function()
+        elif getattr(run, "concrete_functions", None):
+            concrete = run.concrete_functions[0]
+    except (TypeError, ValueError):
+        concrete = None
+    if concrete is None or not hasattr(concrete, "_call_flat"):
+        return lambda flat: run(*flat)
+    specs = [s.dtype for s in concrete.structured_input_signature[0]] \
+        if concrete.structured_input_signature else None
+    captured = concrete.captured_inputs
+
+    def call(flat: list) -> list:
+        tensors = [tf.convert_to_tensor(a, d) for a, d in zip(flat, specs)] if specs else flat
+        out = concrete._call_flat(tensors, captured)
+        return out if isinstance(out, (list, tuple)) else [out]
+    return call
 
 
 @dataclass

@@ -100,19 +100,20 @@ def fedlang_w0() -> Callable:
 
 
 def fedlang_round() -> Callable:
-    """examples/fedavg_digits.fed's `round`, the server model passed in (the npz initial
+    """bench/fedavg_w1.fed's `round` (examples/fedavg_digits.fed's round without its client
+    metrics, which the baselines do not compute), the server model passed in (the npz initial
     weights in round 0), each client's data cut into batches of 16 (the last shorter)
     inside the call; returns the new server model (the result's `state`)."""
     from fedlang.ir.values import Struct
 
-    sim = _simulator(str(ROOT / "examples" / "fedavg_digits.fed"))
+    sim = _simulator(str(ROOT / "bench" / "fedavg_w1.fed"))
     batch = baselines.BATCH
 
     def fedavg_round(server, clients):
         model = Struct((server[k] for k in baselines.MODEL_KEYS), baselines.MODEL_KEYS)
         data = [[Struct((x[s:s + batch], y[s:s + batch]), ("x", "y")) for s in range(0, len(y), batch)]
                 for x, y in clients]
-        state = sim.call("round", [model, data])["state"]
+        state = sim.call("round", [model, data])
         return {k: np.asarray(state[k], np.float32) for k in baselines.MODEL_KEYS}
     return fedavg_round
 

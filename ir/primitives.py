@@ -788,7 +788,9 @@ def _unary_impl(fn):
 
 
 def _np_relu(x):
-    return np.maximum(x, np.zeros((), x.dtype)) if isinstance(x, np.ndarray) else max(x, 0)
+    if isinstance(x, (np.ndarray, np.generic)):
+        return _a(np.maximum(x, np.zeros((), x.dtype)))
+    return x if x > 0 else type(x)(0)
 
 
 def _np_sigmoid(x):
