@@ -142,7 +142,9 @@ class Aggregator:
                 return _extreme(t, op == "federated_min")
             return _zeros(t)
         if op == "federated_mean":
-            return leafwise(lambda x: np.asarray(x / x.dtype.type(partial.weight)).astype(x.dtype), partial.value)
+            with np.errstate(all="ignore"):          # IEEE: a zero total weight gives inf or NaN, as in the interpreter
+                return leafwise(lambda x: np.asarray(x / x.dtype.type(partial.weight)).astype(x.dtype),
+                                partial.value)
         if op == "federated_secure_sum":
             modulus = 1 << int(self.attrs["bitwidth"])
             return leafwise(lambda x, z: np.asarray(np.mod(x, modulus)).astype(z.dtype), partial.value, _zeros(t))

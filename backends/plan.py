@@ -117,9 +117,11 @@ class PhasePlan:
     aggregations: list[dict]        # op, value, result, type, weight, attrs, zero, functions {role: {key, captured}}
     function: PlanFunction
     rows: bool = False              # vectorized with per-step row counts (ragged batches)
+    forward: list | None = None     # a server phase that only passes values on: per output [input, path..]
 
     def to_json(self) -> dict:
         return {"index": self.index, "kind": self.kind, "name": self.name, "mode": self.mode, "rows": self.rows,
+                "forward": self.forward,
                 "inputs": self.inputs, "outputs": self.outputs, "aggregations": self.aggregations,
                 "function": self.function.key}
 
@@ -259,9 +261,29 @@ def _compile_computation(plan: Plan, name: str, function, program) -> None:
             aggregations.append(entry)
         outputs = [{"name": v.name, "type": str(v.type), "role": v.role} for v in phase.outputs]
         comp.phases.append(PhasePlan(phase.index, phase.kind, phase.name, mode, inputs, outputs,
-                                     aggregations, pf, rows))
+                                     aggregations, pf, rows,
+                                     _forwarding(phase.function) if phase.kind == "server" else None))
     plan.computations[name] = comp
     plan.order.append(name)
+
+
+def _forwarding(function) -> list | None:
+    """[input index, field path..] per output when the phase only passes its inputs on (a
+    server_prepare that broadcasts the state, a server_update that returns the aggregates):
+    the runtime then skips the graph call, which would cost more than the round's work."""
+    result = function.node(function.result)
+    if result.prim.name != "struct":
+        return None
+    out = []
+    for nid in result.inputs:
+        node, path = function.node(nid), []
+        while node.prim.name == "select":
+            path.append(node.attr("index"))
+            node = function.node(node.inputs[0])
+        if node.prim.name != "param":
+            return None
+        out.append([node.attr("index")] + path[::-1])
+    return out
 
 
 def _vectorize(vectorize, function, batched, program) -> tuple[Any, bool]:
@@ -351,7 +373,8 @@ def load_plan(path: str | os.PathLike) -> Plan:
         computations = {}
         for name, c in manifest["computations"].items():
             phases = [PhasePlan(p["index"], p["kind"], p["name"], p["mode"], p["inputs"], p["outputs"],
-                                p["aggregations"], functions[p["function"]], bool(p.get("rows", False)))
+                                p["aggregations"], functions[p["function"]], bool(p.get("rows", False)),
+                                p.get("forward"))
                       for p in c["phases"]]
             for p in phases:
                 for agg in p.aggregations:

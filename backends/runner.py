@@ -306,7 +306,7 @@ class Runner:
         self.say(f"{process}: {rounds} rounds, {per_round} of {total} clients per round, seed {cfg.seed}"
                  + (f", dropout {cfg.dropout}" if cfg.dropout else "") + f"; writing {self.out}")
         bar = tqdm(total=rounds, initial=start_round, desc=process, unit="round", file=sys.stderr,
-                   disable=not self.progress, leave=False, dynamic_ncols=True)
+                   disable=not self.progress or not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
         last: dict = {}
         try:
             for r in range(start_round, rounds):
@@ -390,8 +390,12 @@ def _tensorboard(logdir: str | None):
 
 
 def _write_scalars(writer, line: dict, step: int) -> None:
+    """Scalars in TensorBoard's format, written with TensorFlow's own summary op: the
+    `tensorboard` package (needed to view them) is not needed to write them."""
     import tensorflow as tf
+    metadata = tf.compat.v1.SummaryMetadata(
+        plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"))
     with writer.as_default(step=step):
         for k, v in line.items():
             if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                tf.summary.scalar(k, v)
+                tf.summary.write(k, tf.constant(float(v), tf.float32), metadata=metadata)

@@ -58,8 +58,11 @@ class Simulator:
         for phase in comp.phases:
             if phase.kind == "server":
                 values = [self._server_input(v, server, args) for v in phase.inputs]
-                out = phase.function(*values)
-                server.update(zip((o["name"] for o in phase.outputs), out.values))
+                if phase.forward is not None:
+                    outs = [_path(values[f[0]], f[1:]) for f in phase.forward]
+                else:
+                    outs = phase.function(*values).values
+                server.update(zip((o["name"] for o in phase.outputs), outs))
             else:
                 self._client_phase(phase, args, n, server, kept, results)
         return _assemble(comp.result, server, results, n)
@@ -97,7 +100,12 @@ class Simulator:
                     columns.append([kept[v["name"]][c] for c in chunk])
                 else:
                     value = _argument(args, v["param"])
-                    columns.append([value[c] for c in chunk] if v.get("listed") else value)
+                    if not v.get("listed"):
+                        columns.append(value)
+                    elif len(chunk) == len(value):
+                        columns.append(value)
+                    else:
+                        columns.append(value[chunk.start:chunk.stop])
             if phase.mode == "vectorized":
                 values = [self._stack(col, self.type_of(v["type"]), stack_kwargs)
                           if v.get("batched") else col[0] if v.get("listed") else col
@@ -139,6 +147,12 @@ class Simulator:
     def _stack(self, values: list, t, kwargs: dict) -> Any:
         from fedlang.ir.batching import stack_clients
 
+        from fedlang.ir.types import TensorType
+
+        if isinstance(t, TensorType) and t.dtype != "string":
+            stacked = np.asarray(values, np.dtype(t.dtype))       # one C loop, not one per client
+            if stacked.shape[1:] == tuple(np.shape(values[0])) and stacked.dtype != object:
+                return stacked
         if kwargs.get("rows"):
             fast = _stack_uniform_sequences(values, t)
             if fast is not None:
@@ -239,6 +253,12 @@ def _stack(values: list) -> Any:
     return np.stack([np.asarray(v) for v in values])
 
 
+def _path(value: Any, path: Sequence[int]) -> Any:
+    for k in path:
+        value = value[k]
+    return value
+
+
 def _argument(args: Sequence[Any], path: Sequence[int]) -> Any:
     value = args[path[0]]
     for k in path[1:]:
@@ -269,10 +289,12 @@ def _scalars_per_client(phase: PhasePlan, args, n: int) -> int:
     """A rough size of one client's inputs (for the automatic chunk size)."""
     if n == 0:
         return 1
+    sample = range(0, n, max(1, n // 64))          # about 64 clients, evenly spread
     total = 0
     for v in phase.inputs:
         if v["role"] == "param" and v.get("batched"):
-            total += _size(_argument(args, v["param"])[0])
+            value = _argument(args, v["param"])
+            total += max(_size(value[c]) for c in sample)
     return max(total, 1)
 
 

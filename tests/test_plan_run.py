@@ -103,6 +103,17 @@ def test_run_a_process_writes_metrics_checkpoints_and_the_final_state(capsys, re
         assert np.array_equal(a, b)
 
 
+def test_logdir_gets_tensorboard_summaries(capsys, repo_root, tmp_path):
+    code, _, err = run_cli(capsys, "run", FEDAVG, "--rounds", "2", "--clients-per-round", "3", "--out",
+                           str(tmp_path / "r"), "--logdir", str(tmp_path / "tb"), "--no-progress")
+    assert code == 0, err
+    import tensorflow as tf
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events
+    tags = {(v.tag, e.step) for e in tf.compat.v1.train.summary_iterator(str(events[0])) for v in e.summary.value}
+    assert {("loss", 0), ("accuracy", 1), ("clients", 1)} <= tags
+
+
 def test_dropout_aggregates_over_survivors_and_an_empty_round_keeps_the_state(capsys, repo_root, tmp_path):
     out = tmp_path / "r"
     code, text, err = run_cli(capsys, "run", FEDAVG, "--rounds", "4", "--clients-per-round", "2", "--dropout",
