@@ -330,22 +330,8 @@ if __name__ == "__main__":
 # ---- plans and runs ---------------------------------------------------------------------------
 
 def _quiet_tensorflow() -> None:
-    """Import TensorFlow without its start-up chatter (oneDNN and CUDA probing log lines that
-    C++ writes straight to file descriptor 2): those are not for users."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    if "tensorflow" in sys.modules or os.environ.get("FEDLANG_DEBUG"):
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    from fedlang.backends.tensorflow import import_quietly
+    import_quietly()
 
 
 def _plan_from_source(file: str, optimize: bool = True):

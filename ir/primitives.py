@@ -55,13 +55,11 @@ class Primitive:
     batch      batching rule (how the op acts on a leading client axis, in IR ops):
                see "batching rules"; None only for the federated intrinsics
                (UNBATCHED_INTRINSICS), which a vectorized client phase sits between
-    lowering   TensorFlow lowering, filled by the TensorFlow backend (None until
-               then): `lowering(tf, *inputs, **attrs)` gets the `tensorflow` module,
-               the node's inputs as TF values (tensors; structs as tuples; function
-               values as Python callables on TF values) in the node's input order and
-               its static attributes (those of `params` that are not values, plus
-               `out_type=` when `typed_impl`), and returns the TF tensor(s) of the
-               result (a tuple for a struct), computing what `impl` computes
+    lowering   TensorFlow lowering, filled by the TensorFlow backend when it loads
+               (fedlang.backends.tensorflow.registry; None until then): called like
+               `impl` -- `lowering(*inputs, **attrs)` -- on TF values (tensors, weak
+               Python numbers, Struct of TF values, function values as Python
+               callables) and returning the TF value of the result
     """
 
     name: str

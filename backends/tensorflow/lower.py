@@ -241,13 +241,21 @@ class Lowerer:
         for t, a, flat in zip(ys_leaf_types, arrays, flat_ys):
             if flat:
                 counts = next(size_iter).stack()
-                values = a.concat()
-                values = tf.reshape(values, tf.concat([[-1], tf.shape(values)[1:]], 0))
+                values = _unless_empty(n, a.concat, t.shape, t.dtype)
                 parts.append((_with_shape(values, t.shape), tf.concat([[0], tf.cumsum(counts)], 0)))
             else:
-                stacked = a.stack()
+                stacked = _unless_empty(n, a.stack, (0,) + t.shape, t.dtype)
                 parts.append((_with_shape(stacked, (None,) + t.shape), None))
         return carry, TFSeq(ys_t, n, parts)
+
+
+def _unless_empty(n, gather: Callable, empty_shape, dtype: str):
+    """`gather()` of a loop's TensorArray, or an empty tensor when the loop ran no step
+    (TensorFlow cannot concatenate or stack an empty list of tensors of unknown shape)."""
+    if all(d is not None for d in empty_shape[1:]):
+        return gather()
+    zeros = [0 if d is None else d for d in empty_shape]
+    return tf.cond(n > 0, gather, lambda: tf.zeros(zeros, tf_dtype(dtype)))
 
 
 def _with_shape(x, shape) -> Any:

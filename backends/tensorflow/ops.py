@@ -13,7 +13,8 @@ Where the result may differ from the reference interpreter:
 
   * floats: equal up to rounding (transcendental functions and the order of
     summation differ by ulps). float16 sums and means accumulate in float32,
-    as NumPy's do (TF's own float16 sum overflows). The counter-based random
+    as NumPy's do (TF's own float16 sum overflows). TF flushes float32 and
+    float64 subnormals to zero on CPU; NumPy keeps them. The counter-based random
     numbers are bit-identical to NumPy's before Box-Muller (uint32 murmur3).
   * runtime errors: where the impl raises FedlangRuntimeError (an index out of
     range in index, index_along, scatter_row, scatter_along or a label in
