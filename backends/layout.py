@@ -49,6 +49,16 @@ class Slot:
         return cls(str(dtype), tuple(None if d is None else int(d) for d in shape), str(role))
 
 
+class StackedSequence(list):
+    """A sequence whose element leaves are already stacked along the step axis (`leaves`,
+    in the element's leaf order): the dense layout without another copy. As a list it
+    holds nothing; only `flatten` reads it."""
+
+    def __init__(self, steps: int, leaves_: list):
+        super().__init__()
+        self.steps, self.leaves = steps, leaves_
+
+
 def is_flat_leaf(t: TensorType, ragged: bool) -> bool:
     return ragged and t.rank >= 1 and t.shape[0] is None
 
@@ -88,6 +98,10 @@ def flatten(value: Any, t: Type, ragged: bool, out: list | None = None) -> list:
     elif isinstance(t, StructType):
         for k, (_, f) in enumerate(t.fields):
             flatten(value[k], f, ragged, out)
+    elif isinstance(t, SequenceType) and isinstance(value, StackedSequence) and \
+            not any(is_flat_leaf(leaf, ragged) for leaf in leaves(t.element)):
+        out.append(np.asarray(value.steps, np.int32))
+        out.extend(value.leaves)
     elif isinstance(t, SequenceType):
         steps = list(value)
         out.append(np.asarray(len(steps), np.int32))

@@ -293,6 +293,9 @@ def _vectorize(vectorize, function, batched, program) -> tuple[Any, bool]:
 
     from fedlang.ir.batching import NotVectorizable
 
+    if any(_has_row_leaf(t) for (_, t), b in zip(function.params, batched) if not b):
+        # a shared sequence of batches (a broadcast data set) has no row counts to pad it by
+        raise NotVectorizable("a sequence of batches every client shares")
     if "rows" in inspect.signature(vectorize).parameters:
         return vectorize(function, batched, program, ragged=True, rows=True), True
     if any(_has_row_leaf(t) for (_, t), b in zip(function.params, batched) if b):

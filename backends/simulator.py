@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fedlang.backends.aggregation import Aggregator
+from fedlang.backends.layout import StackedSequence
 from fedlang.backends.plan import ComputationPlan, PhasePlan, Plan, PlanError, _parse_type
 from fedlang.ir.values import Struct, leafwise
 
@@ -184,15 +185,30 @@ def _stack_uniform_sequences(values: list, t) -> Any:
     leaf_types = list(leaves(t.element))
     row_leaf = next((k for k, lt in enumerate(leaf_types) if lt.rank and lt.shape[0] is None), None)
     n = len(values)
+    columns = [[_leaves(e) for e in v] for v in values]          # client -> step -> leaves
+    shapes = [[np.shape(a) for a in step] for step in columns[0]]
+    for client in columns:
+        for step, want in zip(client, shapes):
+            if len(step) != len(want) or any(np.shape(a) != s for a, s in zip(step, want)):
+                return None
+    if steps and all(s == shapes[0] for s in shapes):
+        # one shape at every step too: each leaf becomes [steps, clients, ..] in one copy
+        stacked = []
+        for k, lt in enumerate(leaf_types):
+            out = np.empty((steps, n) + shapes[0][k], np.dtype(lt.dtype) if lt.dtype != "string" else np.str_)
+            for c, client in enumerate(columns):
+                for step in range(steps):
+                    out[step, c] = client[step][k]
+            stacked.append(out)
+        elements = StackedSequence(steps, stacked)
+        count = shapes[0][row_leaf][0] if row_leaf is not None else 0
+        rows = StackedSequence(steps, [np.full((steps, n), count, np.int32)])
+        return Struct((elements, np.full(n, steps, np.int32), rows), ROWS_FIELDS)
     elements, rows = [], []
     for step in range(steps):
-        columns = [_leaves(v[step]) for v in values]
-        shapes = [np.shape(a) for a in columns[0]]
-        if any(len(c) != len(shapes) or any(np.shape(a) != s for a, s in zip(c, shapes)) for c in columns):
-            return None
-        stacked = [np.stack([c[k] for c in columns]) for k in range(len(shapes))]
+        stacked = [np.stack([client[step][k] for client in columns]) for k in range(len(shapes[step]))]
         elements.append(_rebuild(values[0][step], iter(stacked)))
-        rows.append(np.full(n, shapes[row_leaf][0] if row_leaf is not None else 0, np.int32))
+        rows.append(np.full(n, shapes[step][row_leaf][0] if row_leaf is not None else 0, np.int32))
     return Struct((elements, np.full(n, steps, np.int32), rows), ROWS_FIELDS)
 
 
@@ -204,7 +220,7 @@ def _pad_steps(value: Any) -> Any:
         return value
     if value.names == ("elements", "lengths", "rows") and isinstance(value.values[0], list):
         steps = value.values[0]
-        if len(steps) > 1:
+        if len(steps) > 1 and not isinstance(steps, StackedSequence):
             leaves = [_leaves(e) for e in steps]
             widest = [np.max([leaf[k].shape for leaf in leaves], axis=0) for k in range(len(leaves[0]))]
             steps = [_rebuild(e, iter([_pad_to(x, w) for x, w in zip(leaf, widest)]))
