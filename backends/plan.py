@@ -148,10 +148,12 @@ class Plan:
     functions: dict[str, PlanFunction] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)        # entries in source order
     skipped: dict[str, str] = field(default_factory=dict)  # comps this backend cannot lower: name -> why
+    run_defaults: list[str] = field(default_factory=list)   # the source's `# fedlang run:` flags
 
     def manifest(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "source": self.source_name,
                 "source_sha256": self.source_sha256, "order": self.order, "skipped": self.skipped,
+                "run_defaults": self.run_defaults,
                 "processes": {k: list(v) for k, v in self.processes.items()},
                 "computations": {k: c.to_json() for k, c in self.computations.items()},
                 "functions": {k: f.to_json() for k, f in self.functions.items()}}

@@ -255,9 +255,14 @@ class Runner:
             self.say(f"data: {b.name} = {b.spec}: {len(b.source.client_ids)} clients{how}")
 
     def _bind(self, bindings: list[Binding], clients: list[int]) -> list:
-        from fedlang.backends.data import DataError, bind
+        """The clients' data, bound chunk by chunk as the simulator reads it."""
+        from fedlang.backends.data import BoundClients
+        return [BoundClients(b.source, b.member, self.config.batch_size, clients, b.spec) for b in bindings]
+
+    def _call(self, name: str, args: list) -> Any:
+        from fedlang.backends.data import DataError
         try:
-            return [bind(b.source, b.member, self.config.batch_size, clients) for b in bindings]
+            return self.sim.call(name, args)
         except DataError as error:
             raise RunError(str(error)) from None
 
@@ -268,7 +273,7 @@ class Runner:
         data = iter(self._bind(bindings, list(range(n))))
         args = [next(data) if _is_client_data(t) else fixed[i] for i, (_, t) in enumerate(params)]
         start = time.perf_counter()
-        result = self.sim.call(name, args)
+        result = self._call(name, args)
         seconds = time.perf_counter() - start
         self.out.mkdir(parents=True, exist_ok=True)
         comp_t = _parse_type(self.plan.computations[name].type)
@@ -322,7 +327,7 @@ class Runner:
                     data = iter(self._bind(bindings, survivors))
                     args = [state] + [next(data) if _is_client_data(t) else fixed[i]
                                       for i, (_, t) in enumerate(params[1:])]
-                    out = self.sim.call(next_name, args)
+                    out = self._call(next_name, args)
                     if isinstance(out, Struct) and out.names == ("state", "metrics"):
                         state, metrics = out["state"], out["metrics"]
                     else:

@@ -101,12 +101,8 @@ class Simulator:
                     columns.append([kept[v["name"]][c] for c in chunk])
                 else:
                     value = _argument(args, v["param"])
-                    if not v.get("listed"):
-                        columns.append(value)
-                    elif len(chunk) == len(value):
-                        columns.append(value)
-                    else:
-                        columns.append(value[chunk.start:chunk.stop])
+                    # a list, or BoundClients (binds just this chunk's clients)
+                    columns.append(value[chunk.start:chunk.stop] if v.get("listed") else value)
             if phase.mode == "vectorized":
                 values = [self._stack(col, self.type_of(v["type"]), stack_kwargs)
                           if v.get("batched") else col[0] if v.get("listed") else col
@@ -296,7 +292,8 @@ def _num_clients(comp: ComputationPlan, args: Sequence[Any], sim: Simulator, cli
         return counts.pop()
     for (_, text), a in zip(comp.params, args):
         t = sim.type_of(text)
-        if isinstance(t, FederatedType) and t.placement is Placement.CLIENTS and isinstance(a, list):
+        if isinstance(t, FederatedType) and t.placement is Placement.CLIENTS and \
+                not isinstance(a, (Struct, np.ndarray)) and hasattr(a, "__len__"):
             return len(a)
     return clients or 0
 

@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", help="output folder (default runs/NAME-TIMESTAMP)")
     run.add_argument("--logdir", metavar="DIR", help="also write TensorBoard summaries to DIR")
     run.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
+    run.add_argument("--plot", metavar="FILE.png", help="draw the metrics of every round into FILE.png "
+                                                        "(matplotlib)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -116,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compile":
             return _compile(args.file, args.emit, args.optimize, args.output)
         if args.command == "run":
+            defaults = _run_defaults(args.target)
+            if defaults is None:
+                return EXIT_USAGE
+            if defaults:                     # the program's own `# fedlang run:` flags, then the user's
+                rest = list(argv if argv is not None else sys.argv[1:])
+                rest = rest[rest.index("run") + 1:]
+                args = parser.parse_args(["run", *defaults, *rest])
             return _run(args)
     except KeyboardInterrupt:
         print("fedlang: interrupted", file=sys.stderr)
@@ -361,6 +370,7 @@ def _write_plan(file: str, output: str, optimize: bool) -> int:
         plan = _plan_from_source(file, optimize)
         if plan is None:
             return EXIT_ERRORS
+        plan.run_defaults = _run_defaults(file) or []
         plan.save(output)
     except PlanError as error:
         print(f"fedlang compile: {error}", file=sys.stderr)
@@ -392,6 +402,37 @@ def _pairs(items: list[str], flag: str) -> dict[str, str] | None:
             return None
         out[name.strip()] = value
     return out
+
+
+RUN_DEFAULTS = "# fedlang run:"
+
+
+def _run_defaults(target: str) -> list[str] | None:
+    """Default flags a program gives `fedlang run` in a comment line `# fedlang run: FLAGS`
+    (a plan keeps those of its source); [] when there are none, None (reported) when bad."""
+    import shlex
+
+    text = None
+    try:
+        if os.path.isdir(target):
+            manifest = json.loads(open(os.path.join(target, "plan.json"), encoding="utf-8").read())
+            return [str(x) for x in manifest.get("run_defaults", [])] if isinstance(manifest, dict) else []
+        with open(target, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []                        # the run itself reports an unreadable target
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith(RUN_DEFAULTS):
+            try:
+                tokens = shlex.split(line[len(RUN_DEFAULTS):])
+            except ValueError as error:
+                print(f"{target}:{number}: bad `{RUN_DEFAULTS}` line: {error}", file=sys.stderr)
+                return None
+            if "--resume" in tokens or "--out" in tokens:
+                print(f"{target}:{number}: `{RUN_DEFAULTS}` cannot set --resume or --out", file=sys.stderr)
+                return None
+            return tokens
+    return []
 
 
 def _run(args) -> int:
@@ -438,7 +479,22 @@ def _run(args) -> int:
         if not resume:
             stem = os.path.splitext(os.path.basename(target.rstrip("/")))[0]
             out = Path(config.out or os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
-        return Runner(plan, config, out, progress=args.progress).run(resume=resume)
+        if args.plot:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                print("fedlang run: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
+                return EXIT_USAGE
+        status = Runner(plan, config, out, progress=args.progress).run(resume=resume)
+        if args.plot and status == 0 and (out / "metrics.jsonl").exists():
+            from fedlang.backends.plot import plot_metrics
+            try:
+                plot_metrics(out / "metrics.jsonl", Path(args.plot), os.path.basename(target.rstrip("/")))
+            except (OSError, ValueError) as error:
+                print(f"fedlang run: --plot {args.plot}: {error}", file=sys.stderr)
+                return EXIT_ERRORS
+            print(f"plot: {args.plot}")
+        return status
     except (PlanError, RunError) as error:
         print(f"fedlang run: {error}", file=sys.stderr)
         return EXIT_ERRORS

@@ -114,6 +114,21 @@ def test_logdir_gets_tensorboard_summaries(capsys, repo_root, tmp_path):
     assert {("loss", 0), ("accuracy", 1), ("clients", 1)} <= tags
 
 
+def test_a_program_gives_run_defaults_and_plot_draws_the_metrics(capsys, repo_root, tmp_path):
+    source = (ROOT / FEDAVG).read_text()
+    program = tmp_path / "fedavg.fed"
+    program.write_text("# fedlang run: --rounds 2 --clients-per-round 3 --seed 4\n" + source)
+    out = tmp_path / "r"
+    code, text, err = run_cli(capsys, "run", str(program), "--seed", "5", "--out", str(out), "--no-progress",
+                              "--plot", str(tmp_path / "m.png"))
+    assert code == 0, err
+    assert "2 rounds, 3 of 100 clients per round, seed 5" in text        # the user's flag wins
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    program.write_text("# fedlang run: --resume x\n" + source)
+    code, _, err = run_cli(capsys, "run", str(program))
+    assert code == 2 and "cannot set --resume" in err
+
+
 def test_dropout_aggregates_over_survivors_and_an_empty_round_keeps_the_state(capsys, repo_root, tmp_path):
     out = tmp_path / "r"
     code, text, err = run_cli(capsys, "run", FEDAVG, "--rounds", "4", "--clients-per-round", "2", "--dropout",

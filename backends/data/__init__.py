@@ -14,11 +14,11 @@ builtins (digits, sensors), npz (folders of .npz), tff (TFF's SQLite and HDF5
 files), specs (open_source), binding (bind).
 """
 
-from fedlang.backends.data.binding import DEFAULT_BATCH_SIZE, bind
+from fedlang.backends.data.binding import DEFAULT_BATCH_SIZE, BoundClients, bind
 from fedlang.backends.data.builtins import DigitsW1, digits_w1, sensor_readings
 from fedlang.backends.data.errors import DataError
 from fedlang.backends.data.sources import ArraySource, ClientSource
 from fedlang.backends.data.specs import clear_cache, open_source
 
-__all__ = ["DEFAULT_BATCH_SIZE", "ArraySource", "ClientSource", "DataError", "DigitsW1", "bind", "clear_cache",
+__all__ = ["DEFAULT_BATCH_SIZE", "ArraySource", "BoundClients", "ClientSource", "DataError", "DigitsW1", "bind", "clear_cache",
            "digits_w1", "open_source", "sensor_readings"]

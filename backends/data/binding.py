@@ -236,3 +236,30 @@ def _dims(shape: tuple) -> str:
 
 def _features(features: dict) -> str:
     return ", ".join(f"'{k}'" for k in sorted(features)) if features else "no features"
+
+
+class BoundClients:
+    """Clients `clients` of `source`, bound to `member_type` only when read: `len()`, an index
+    or a slice (a slice binds just those clients). The simulator reads one chunk at a time,
+    so a round never holds more bound client data than a chunk; a distributed runtime ships
+    the spec and the indices, and each worker binds its own shard."""
+
+    def __init__(self, source: ClientSource, member_type: Type | str, batch_size: int | None,
+                 clients: Iterable[int], spec: str | None = None):
+        self.source, self.member_type, self.batch_size = source, member_type, batch_size
+        self.clients = [int(c) for c in clients]
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return bind(self.source, self.member_type, self.batch_size, self.clients[k])
+        return bind(self.source, self.member_type, self.batch_size, [self.clients[k]])[0]
+
+    def __iter__(self):
+        return iter(self[:])
+
+    def __repr__(self) -> str:
+        return f"BoundClients({self.spec or self.source.name}, {len(self)} clients)"
