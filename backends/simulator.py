@@ -6,7 +6,9 @@
     out = sim.call("round", [state, client_datasets])      # client_datasets: one value per client
 
 Arguments and results are interpreter values (fedlang.ir.values; a list with
-one entry per client for values at CLIENTS). Server phases run once. A
+one entry per client for values at CLIENTS). A value at CLIENTS may also be a
+NumPy array whose first axis is the client axis (client c's value is row c),
+or `BoundClients` (data bound chunk by chunk). Server phases run once. A
 vectorized client phase runs once per chunk of clients: the chunk's values are
 stacked along a leading client axis (sequences padded, with per-client lengths
 and per-step row counts so every client computes exactly what it would alone)

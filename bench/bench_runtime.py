@@ -90,12 +90,12 @@ def _simulator(path: str):
 
 
 def fedlang_w0() -> Callable:
-    """examples/mean_temperature.fed's `mean_temperature`; the readings become the
-    simulator's value at CLIENTS (a list, one float32 per client) inside the call."""
+    """examples/mean_temperature.fed's `mean_temperature`; the readings array is the
+    simulator's value at CLIENTS (its first axis is the client axis)."""
     sim = _simulator(str(ROOT / "examples" / "mean_temperature.fed"))
 
     def mean(readings: np.ndarray) -> float:
-        return float(np.asarray(sim.call("mean_temperature", [list(readings)])))
+        return float(np.asarray(sim.call("mean_temperature", [readings])))
     return mean
 
 

@@ -76,6 +76,7 @@ def test_mean_temperature_and_share_above(repo_root):
     readings = [np.float32(v) for v in (20.0, 22.5, 19.0, 30.25)]
     sim = Simulator(plan)
     assert sim.call("mean_temperature", [readings]) == np.float32(22.9375)
+    assert sim.call("mean_temperature", [np.asarray(readings)]) == np.float32(22.9375)   # rows are clients
     for chunk in (1, 3, None):
         got = Simulator(plan, clients_per_chunk=chunk).call("share_above", [readings, np.float32(21.0)])
         assert got == interpret(program, "share_above", [readings, np.float32(21.0)], 4) == np.float32(0.5)
