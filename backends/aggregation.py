@@ -10,6 +10,9 @@ TFF's MapReduce form (accumulate on the worker, merge at the server, report).
   federated_mean      partial = (sum w*x, sum w)     merge = +      report = num / den
   federated_min/max   partial = min / max            merge = min / max
   federated_secure_sum  as sum in int64, reported modulo 2**bitwidth
+  robust ones         (median, trimmed mean, clipped or zeroing mean, Krum) keep the
+                      stacked values and decide in `report`, with the same code as
+                      the reference interpreter (fedlang.ir.primitives.robust_aggregate)
   federated_aggregate accumulate folds the group's clients in order from the
                       previous partial (the first from `zero`); the clients
                       are cut in two halves, each folded, then merged and
@@ -28,6 +31,11 @@ import numpy as np
 
 from fedlang.ir.types import StructType, TensorType, Type
 from fedlang.ir.values import Struct, leafwise
+
+
+# Robust aggregations need every client's value at once (a median is not a sum of medians).
+ROBUST = frozenset({"federated_median", "federated_trimmed_mean", "federated_clipped_mean",
+                    "federated_zeroing_mean", "federated_krum"})
 
 
 @dataclass
@@ -95,6 +103,9 @@ class Aggregator:
                 wsum = float(np.sum(w.astype(np.float64)))
             value = part if partial.value is None else leafwise(lambda a, b: a + b, partial.value, part)
             return Partial(op, value, partial.weight + wsum, partial.clients + clients)
+        if op in ROBUST:                       # not decomposable: keep the values, decide at the end
+            value = (partial.value or []) + [stacked]
+            return Partial(op, value, 0.0, partial.clients + clients)
         if op in ("federated_min", "federated_max"):
             fn = np.min if op == "federated_min" else np.max
             both = np.minimum if op == "federated_min" else np.maximum
@@ -122,6 +133,8 @@ class Aggregator:
         op = self.op
         if op in ("federated_sum", "federated_secure_sum", "federated_mean"):
             value = leafwise(lambda x, y: x + y, a.value, b.value)
+        elif op in ROBUST:
+            value = a.value + b.value
         elif op == "federated_min":
             value = leafwise(np.minimum, a.value, b.value)
         elif op == "federated_max":
@@ -136,7 +149,7 @@ class Aggregator:
             merged = self.functions["merge"](partial.value[0], partial.value[1])
             return self.functions["report"](merged)
         if partial.clients == 0:
-            if op == "federated_mean":
+            if op == "federated_mean" or op in ROBUST:
                 return leafwise(lambda z: np.full_like(z, np.nan), _zeros(t))
             if op in ("federated_min", "federated_max"):
                 return _extreme(t, op == "federated_min")
@@ -145,6 +158,10 @@ class Aggregator:
             with np.errstate(all="ignore"):          # IEEE: a zero total weight gives inf or NaN, as in the interpreter
                 return leafwise(lambda x: np.asarray(x / x.dtype.type(partial.weight)).astype(x.dtype),
                                 partial.value)
+        if op in ROBUST:
+            from fedlang.ir.primitives import robust_aggregate
+            stacked = leafwise(lambda *parts: np.concatenate(parts), *partial.value)
+            return robust_aggregate(op, stacked, self.attrs)
         if op == "federated_secure_sum":
             modulus = 1 << int(self.attrs["bitwidth"])
             return leafwise(lambda x, z: np.asarray(np.mod(x, modulus)).astype(z.dtype), partial.value, _zeros(t))

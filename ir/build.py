@@ -383,6 +383,10 @@ def _static_int(e: ast.Expr) -> int:
 def _static(kind: str, e: ast.Expr) -> Any:
     if kind == "int":
         return _static_int(e)
+    if kind == "float":
+        if isinstance(e, ast.UnaryOp):
+            return -float(e.operand.value)
+        return float(e.value)
     if kind == "shape":
         return tuple(_static_int(i) for i in e.items)
     if kind == "dtype":

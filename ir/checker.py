@@ -994,6 +994,13 @@ class _Checker:
                            help=f"write a number, e.g. {name}=1")
                 return _BAD
             return k
+        if kind == "float":
+            k = _static_float(e)
+            if k is None:
+                self.error("E049", f"`{name}` of {prim.name} must be a number literal", e.span, "not static",
+                           help=f"write a number, e.g. {name}=1.0")
+                return _BAD
+            return k
         if kind == "shape":
             if isinstance(e, ast.ListLit):
                 dims = [_static_int(i) for i in e.items]
@@ -1078,6 +1085,14 @@ def _static_int(e: ast.Expr) -> int | None:
         return e.value
     if isinstance(e, ast.UnaryOp) and e.op == "-" and isinstance(e.operand, ast.IntLit):
         return -e.operand.value
+    return None
+
+
+def _static_float(e: ast.Expr) -> float | None:
+    if isinstance(e, (ast.IntLit, ast.FloatLit)):
+        return float(e.value)
+    if isinstance(e, ast.UnaryOp) and e.op == "-" and isinstance(e.operand, (ast.IntLit, ast.FloatLit)):
+        return -float(e.operand.value)
     return None
 
 

@@ -45,7 +45,9 @@ from fedlang.ir.types import FederatedType, FunctionType, Placement, StructType,
 from fedlang.ir.values import Struct
 
 AGGREGATIONS = frozenset({"federated_sum", "federated_mean", "federated_min", "federated_max",
-                          "federated_aggregate", "federated_secure_sum"})
+                          "federated_aggregate", "federated_secure_sum", "federated_median",
+                          "federated_trimmed_mean", "federated_clipped_mean", "federated_zeroing_mean",
+                          "federated_krum"})
 SERVER, CLIENT = "server", "client"
 
 

@@ -713,6 +713,24 @@ def _federated_mean(x: AVal, weight: AVal | None) -> AVal:
     return AVal(FederatedType(ft.member, Placement.SERVER, True))
 
 
+def _robust(name: str):
+    """Type rule of a robust aggregation: {T}@CLIENTS -> T@SERVER, T's leaves floating point."""
+    def rule(x: AVal, **statics) -> AVal:
+        ft = _at(x, Placement.CLIENTS, "x", name, 0)
+        _numeric_leaves(ft.member, FLOAT_DTYPES, "x", name, "floating-point")
+        for key, value in statics.items():
+            low, high = _ROBUST_RANGES[key]
+            if not low <= value <= high:
+                raise TypeRuleError(f"`{key}` of {name} must be between {low} and {high}, found {value}", key,
+                                    code="E049")
+        return AVal(FederatedType(ft.member, Placement.SERVER, True))
+    return rule
+
+
+# The static parameters of the robust aggregations and their ranges.
+_ROBUST_RANGES = {"percent": (0, 49), "bound": (0.0, float("inf")), "byzantine": (0, 2 ** 31 - 1)}
+
+
 def _federated_aggregate(x: AVal, zero: AVal, accumulate: AVal, merge: AVal, report: AVal) -> AVal:
     ft = _at(x, Placement.CLIENTS, "x", "federated_aggregate", 0)
     accumulate_params = function_parameters(accumulate) if isinstance(accumulate.type, FunctionType) else None
@@ -1062,6 +1080,71 @@ def _np_federated_secure_sum(x, bitwidth, out_type=None):
     total = _np_federated_sum([leafwise(lambda a: a.astype(np.int64), v) for v in _clients(x)],
                            out_type=FederatedType(_int64_like(out_type.member), Placement.SERVER, True))
     return leafwise(lambda t, z: _a(np.mod(t, modulus)).astype(z.dtype), total, _zeros_of(out_type.member))
+
+
+# Robust aggregations (Yin et al. 2018: coordinate-wise median and trimmed mean; Blanchard
+# et al. 2017: Krum; norm bounding as in TFF's clipping and zeroing factories). Each works on
+# the clients' values stacked along a leading axis, leaf by leaf, so the runtime calls the same
+# code on the arrays it already has; the norm of a client's value is over all its leaves.
+
+def robust_aggregate(op: str, stacked: Any, attrs: dict) -> Any:
+    """Robust aggregation `op` of stacked client values (a struct of [clients, ..] arrays)."""
+    if op == "federated_median":
+        return leafwise(lambda a: _a(np.median(a, axis=0)).astype(a.dtype), stacked)
+    if op == "federated_trimmed_mean":
+        return leafwise(lambda a: _trimmed_mean(a, int(attrs["percent"])), stacked)
+    if op in ("federated_clipped_mean", "federated_zeroing_mean"):
+        norms = _client_norms(stacked)
+        bound = float(attrs["bound"])
+        with np.errstate(all="ignore"):
+            if op == "federated_clipped_mean":
+                scale = np.where(norms > bound, bound / norms, 1.0)
+            else:
+                scale = np.where(norms > bound, 0.0, 1.0)
+        return leafwise(lambda a: _a(np.mean(a * scale.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype),
+                                             axis=0, dtype=a.dtype)).astype(a.dtype), stacked)
+    if op == "federated_krum":
+        k = krum_index(stacked, int(attrs["byzantine"]))
+        return leafwise(lambda a: _a(a[k]), stacked)
+    raise ValueError(op)
+
+
+def _trimmed_mean(a: np.ndarray, percent: int) -> np.ndarray:
+    """Coordinate-wise: sort the clients' values, drop floor(n * percent / 100) at each end."""
+    n = a.shape[0]
+    cut = (n * percent) // 100
+    kept = np.sort(a, axis=0)[cut:n - cut]
+    return _a(np.mean(kept, axis=0, dtype=np.float64)).astype(a.dtype)
+
+
+def _client_norms(stacked: Any) -> np.ndarray:
+    leaves_ = _leaves(stacked)
+    total = sum(np.sum(np.square(l.astype(np.float64)).reshape(l.shape[0], -1), axis=1) for l in leaves_)
+    return np.sqrt(total)
+
+
+def krum_index(stacked: Any, byzantine: int) -> int:
+    """Krum: the client whose value has the smallest sum of squared distances to its
+    n - f - 2 nearest other values (ties: the lowest index)."""
+    flat = np.concatenate([l.astype(np.float64).reshape(l.shape[0], -1) for l in _leaves(stacked)], axis=1)
+    n = flat.shape[0]
+    if n - byzantine - 2 < 1:
+        raise FedlangRuntimeError(f"federated_krum with byzantine={byzantine} needs at least {byzantine + 3} "
+                                  f"clients, got {n}")
+    squared = np.sum((flat[:, None, :] - flat[None, :, :]) ** 2, axis=2)
+    closest = np.sort(squared + np.diag(np.full(n, np.inf)), axis=1)[:, :n - byzantine - 2]
+    return int(np.argmin(np.sum(closest, axis=1)))
+
+
+def _robust_impl(op: str):
+    def impl(x, out_type=None, **attrs):
+        values = _clients(x)
+        if not values:
+            return leafwise(lambda z: np.full_like(z, np.nan), _zeros_of(out_type.member))
+        stacked = leafwise(lambda *leaves_: np.stack(leaves_), *values) if isinstance(values[0], Struct) \
+            else np.stack([_a(v) for v in values])
+        return robust_aggregate(op, stacked, attrs)
+    return impl
 
 
 def _int64_like(t: Type) -> Type:
@@ -2213,6 +2296,21 @@ _ENTRIES: list[Primitive] = [
               _p("x", "zero", "accumulate", "merge", "report"), _federated_aggregate, federated=True, impl=_np_federated_aggregate),
     Primitive("federated_secure_sum", "<{T}@CLIENTS,bitwidth> -> T@SERVER  (integer)",
               _p("x", Param("bitwidth", "int")), _federated_secure_sum, federated=True, typed_impl=True, impl=_np_federated_secure_sum),
+    # robust aggregations (docs/language.md, "Robust aggregation")
+    Primitive("federated_median", "{T}@CLIENTS -> T@SERVER  (coordinate-wise median; float)", _p("x"),
+              _robust("federated_median"), federated=True, typed_impl=True, impl=_robust_impl("federated_median")),
+    Primitive("federated_trimmed_mean", "<{T}@CLIENTS,percent> -> T@SERVER  (drops percent% at each end)",
+              _p("x", Param("percent", "int")), _robust("federated_trimmed_mean"), federated=True,
+              typed_impl=True, impl=_robust_impl("federated_trimmed_mean")),
+    Primitive("federated_clipped_mean", "<{T}@CLIENTS,bound> -> T@SERVER  (each value's norm clipped to bound)",
+              _p("x", Param("bound", "float")), _robust("federated_clipped_mean"), federated=True,
+              typed_impl=True, impl=_robust_impl("federated_clipped_mean")),
+    Primitive("federated_zeroing_mean", "<{T}@CLIENTS,bound> -> T@SERVER  (values of norm > bound count as zero)",
+              _p("x", Param("bound", "float")), _robust("federated_zeroing_mean"), federated=True,
+              typed_impl=True, impl=_robust_impl("federated_zeroing_mean")),
+    Primitive("federated_krum", "<{T}@CLIENTS,byzantine> -> T@SERVER  (Krum's choice among the values)",
+              _p("x", Param("byzantine", "int")), _robust("federated_krum"), federated=True,
+              typed_impl=True, impl=_robust_impl("federated_krum")),
 ]
 
 # Structural nodes of the IR (built by the compiler; a program cannot name them).
@@ -2294,7 +2392,8 @@ _ENTRIES += _BATCHING
 UNBATCHED_INTRINSICS = frozenset({
     "federated_value", "federated_eval", "federated_broadcast", "federated_map", "federated_apply",
     "federated_zip", "federated_sum", "federated_mean", "federated_min", "federated_max",
-    "federated_aggregate", "federated_secure_sum",
+    "federated_aggregate", "federated_secure_sum", "federated_median", "federated_trimmed_mean",
+    "federated_clipped_mean", "federated_zeroing_mean", "federated_krum",
 })
 
 PRIMITIVES: dict[str, Primitive] = {p.name: p for p in _ENTRIES}

@@ -662,7 +662,8 @@ NOT_DIFFERENTIABLE = {
     # federated intrinsics: grad differentiates local computations (`fn`s)
     "federated_value", "federated_eval", "federated_broadcast", "federated_map", "federated_apply",
     "federated_zip", "federated_sum", "federated_mean", "federated_min", "federated_max",
-    "federated_aggregate", "federated_secure_sum",
+    "federated_aggregate", "federated_secure_sum", "federated_median", "federated_trimmed_mean",
+    "federated_clipped_mean", "federated_zeroing_mean", "federated_krum",
 }
 
 # Primitives that never take a float value: nothing to differentiate. Bool or integer
