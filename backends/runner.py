@@ -67,6 +67,11 @@ def _parse_type(text: str) -> Type:
 
 def choose_entry(plan: Plan, entry: str | None) -> tuple[str, str | None]:
     """(computation to call each round or once, process name or None)."""
+    if entry is not None and entry in plan.skipped:
+        raise RunError(f"`{entry}` cannot run on this backend: {plan.skipped[entry]}")
+    if entry is None and plan.skipped and not plan.processes and not plan.order:
+        name, why = next(iter(plan.skipped.items()))
+        raise RunError(f"`{name}` cannot run on this backend: {why}")
     if entry is not None:
         if entry in plan.processes:
             return plan.processes[entry][1], entry
