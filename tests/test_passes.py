@@ -29,6 +29,7 @@ from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 import fedlang
+from fedlang.testing import NoValue, draw_arguments, draw_value
 from fedlang.testing.strategies import programs as generated_programs
 from fedlang.api import compile_ir
 from fedlang.cli import main
@@ -56,46 +57,18 @@ def build(source: str, file: str = "<test>.fed") -> Program:
     return program
 
 
-class NoValue(Exception):
-    """A parameter type with no random values here (a function)."""
-
-
-_SPECIAL = (-0.0, 0.0, 1.0, -1.0, 2.5, -3.0)
+# Random values come from the public generator (fedlang.testing.draw_value), the one behind the
+# `values()` strategy users property-test their programs with. NoValue is re-exported for test_simulator.
 
 
 def random_value(t: Type, rng: np.random.Generator, clients: int, unknown: int):
     """A random interpreter value of type `t`: `clients` members at CLIENTS, `unknown` for `?` dims.
     Floats are sometimes -0.0, 0.0 or 1.0, so sign-of-zero and identity laws are exercised."""
-    if isinstance(t, TensorType):
-        shape = tuple(unknown if d is None else d for d in t.shape)
-        if t.dtype == "bool":
-            return np.asarray(rng.random(shape) < 0.5)
-        if t.dtype == "string":
-            return np.asarray(rng.choice(["a", "b"], size=shape), np.str_)
-        if t.dtype.startswith("float"):
-            values = rng.uniform(-3, 3, shape)
-            special = rng.random(shape) < 0.25
-            values = np.where(special, rng.choice(_SPECIAL, size=shape), values)
-            return np.asarray(values, t.dtype)
-        low = 0 if t.dtype == "uint8" else -5
-        return np.asarray(rng.integers(low, 6, shape), t.dtype)
-    if isinstance(t, StructType):
-        return Struct([random_value(f, rng, clients, unknown) for f in t.types], t.names)
-    if isinstance(t, SequenceType):
-        return [random_value(t.element, rng, clients, unknown) for _ in range(int(rng.integers(0, 3)))]
-    if isinstance(t, FederatedType):
-        if t.placement is Placement.SERVER:
-            return random_value(t.member, rng, clients, unknown)
-        if t.all_equal:
-            return [random_value(t.member, rng, clients, unknown)] * clients
-        return [random_value(t.member, rng, clients, unknown) for _ in range(clients)]
-    raise NoValue(str(t))
+    return draw_value(t, rng, clients, unknown)
 
 
 def random_args(function: Function, seed: int, clients: int) -> list:
-    rng = np.random.default_rng(seed)
-    unknown = int(rng.integers(1, 4))
-    return [random_value(t, rng, clients, unknown) for _, t in function.params]
+    return draw_arguments(function, np.random.default_rng(seed), clients)
 
 
 def same(a, b, lenient_dtypes: bool = False) -> bool:

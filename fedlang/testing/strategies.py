@@ -10,6 +10,8 @@
   knows each builtin and intrinsic rule of sections 4-6.
 * `ill_placed(program)` breaks exactly one placement rule of such a program
   and says which diagnostic (code and span) the checker must give for it.
+* `values(t)` / `arguments(comp)` (from fedlang.testing.generate, re-exported
+  here) draw values of a type and argument lists of a computation.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from fedlang.syntax.parser import KEYWORDS
 CLIENTS, SERVER = Placement.CLIENTS, Placement.SERVER
 _RESERVED = frozenset(KEYWORDS) | frozenset(DTYPES)
 
-__all__ = ["GeneratedProgram", "IllPlaced", "ill_placed", "names", "programs", "subtypes", "supertypes", "types"]
+__all__ = ["GeneratedProgram", "IllPlaced", "arguments", "ill_placed", "names", "programs", "subtypes",
+           "supertypes", "types", "values"]
 
 
 # ---- names and types ----------------------------------------------------------------------
@@ -42,8 +45,9 @@ def names() -> st.SearchStrategy[str]:
 _DIMS = st.one_of(st.none(), st.integers(0, 8), st.integers(0, 2 ** 40))
 
 
-def _tensor_types() -> st.SearchStrategy[TensorType]:
-    return st.builds(TensorType, st.sampled_from(DTYPES), st.lists(_DIMS, max_size=3).map(tuple))
+def _tensor_types(max_dim: int | None = None) -> st.SearchStrategy[TensorType]:
+    dims = _DIMS if max_dim is None else st.one_of(st.none(), st.integers(0, max_dim))
+    return st.builds(TensorType, st.sampled_from(DTYPES), st.lists(dims, max_size=3).map(tuple))
 
 
 def _unique_names(fields: list[tuple[str | None, Type]]) -> StructType:
@@ -71,28 +75,30 @@ def _federated(members: st.SearchStrategy[Type]) -> st.SearchStrategy[FederatedT
 _TYPE_CACHE: dict = {}
 
 
-def _type(depth: int, placed: bool, functions: bool, role: str) -> st.SearchStrategy[Type]:
+def _type(depth: int, placed: bool, functions: bool, role: str,
+          max_dim: int | None = None) -> st.SearchStrategy[Type]:
     """role: "any" (function and federated types as the flags allow), "data"
     (what may be placed: tensors, structs, sequences), "elem" (what a
     sequence may hold).
 
     A sequence never holds a sequence (TFF's rule)."""
-    key = (depth, placed, functions, role)
+    key = (depth, placed, functions, role, max_dim)
     if key not in _TYPE_CACHE:
-        tensor = _tensor_types()
+        tensor = _tensor_types(max_dim)
         if depth <= 0:
             strategy = tensor
         else:
-            elem = _type(depth - 1, placed, functions, "elem")
+            elem = _type(depth - 1, placed, functions, "elem", max_dim)
             if role == "any":
-                inner = _type(depth - 1, placed, functions, "any")
+                inner = _type(depth - 1, placed, functions, "any", max_dim)
                 options = [tensor, _structs(inner), elem.map(SequenceType)]
                 if functions:
                     options.append(st.builds(FunctionType, st.none() | inner, inner))
                 if placed:
-                    options.append(_federated(_type(depth - 1, placed, functions, "data")))
+                    options.append(_federated(_type(depth - 1, placed, functions, "data", max_dim)))
             elif role == "data":
-                options = [tensor, _structs(_type(depth - 1, placed, functions, "data")), elem.map(SequenceType)]
+                options = [tensor, _structs(_type(depth - 1, placed, functions, "data", max_dim)),
+                           elem.map(SequenceType)]
             else:
                 options = [tensor, _structs(elem)]
             strategy = st.one_of(options)
@@ -100,15 +106,19 @@ def _type(depth: int, placed: bool, functions: bool, role: str) -> st.SearchStra
     return _TYPE_CACHE[key]
 
 
-def types(max_depth: int = 3, placed: bool = True, functions: bool = True) -> st.SearchStrategy[Type]:
+def types(max_depth: int = 3, placed: bool = True, functions: bool = True,
+          max_dim: int | None = None) -> st.SearchStrategy[Type]:
     """Random valid fedlang types, up to `max_depth` constructors deep.
 
     Construction rules hold by design (no federated type inside a federated
     type or a sequence, no placed function, SERVER always all-equal, unique
     field names), so every drawn value is a type a program could write.
     `placed=False` leaves out federated types, `functions=False` function
-    types; with both False the result can always be placed (`{T}@CLIENTS`)."""
-    return _type(max_depth, placed, functions, "any")
+    types; with both False the result can always be placed (`{T}@CLIENTS`).
+    Known dimensions are small (0..8) or huge (up to 2**40, a type is only
+    text); `max_dim` bounds them, for types whose values will be built
+    (`values(t)`)."""
+    return _type(max_depth, placed, functions, "any", max_dim)
 
 
 def supertypes(t: Type) -> st.SearchStrategy[Type]:
@@ -1708,3 +1718,6 @@ def _append(draw, source: str, code: str) -> IllPlaced:
     nested = f"{{{t}@SERVER}}@CLIENTS"
     return _result(base + head + nested + f") -> {t}@SERVER = x\n", len(base) + len(head),
                    len(base) + len(head) + len(nested), code, "nested placements in a type annotation")
+
+
+from fedlang.testing.generate import arguments, values  # noqa: E402  (re-exported: one module of strategies)
