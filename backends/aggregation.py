@@ -9,7 +9,9 @@ TFF's MapReduce form (accumulate on the worker, merge at the server, report).
   federated_sum       partial = sum                  merge = +
   federated_mean      partial = (sum w*x, sum w)     merge = +      report = num / den
   federated_min/max   partial = min / max            merge = min / max
-  federated_secure_sum  as sum in int64, reported modulo 2**bitwidth
+  federated_secure_sum  the secure aggregation protocol (fedlang.backends.secagg): each
+                      group's clients submit masked inputs to one session per round,
+                      the server unmasks the sum modulo 2**bitwidth when the round ends
   robust ones         (median, trimmed mean, clipped or zeroing mean, Krum) keep the
                       stacked values and decide in `report`, with the same code as
                       the reference interpreter (fedlang.ir.primitives.robust_aggregate)
@@ -86,10 +88,19 @@ class Aggregator:
         op = self.op
         if op == "federated_aggregate":
             return self._accumulate(partial, stacked, clients, start, total)
-        if op in ("federated_sum", "federated_secure_sum"):
-            wide = op == "federated_secure_sum"
-            part = leafwise(lambda x: np.sum(x.astype(np.int64) if wide else x, axis=0, dtype=np.int64 if wide
-                                             else x.dtype), stacked)
+        if op == "federated_secure_sum":            # the real protocol (fedlang.backends.secagg)
+            from fedlang.backends.secagg import SecureSumSession, flatten_clients, suggested_neighbours
+            flat, layout = flatten_clients(stacked)     # struct of [clients, ..] ints -> int64 [clients, D]
+            if partial.value is None:
+                n = total if total is not None else clients
+                session = SecureSumSession(n, flat.shape[1], int(self.attrs["bitwidth"]),
+                                           neighbours=suggested_neighbours(n))
+            else:
+                session, layout = partial.value
+            session.submit(flat, start=start)
+            return Partial(op, (session, layout), 0.0, partial.clients + clients)
+        if op == "federated_sum":
+            part = leafwise(lambda x: np.sum(x, axis=0, dtype=x.dtype), stacked)
             value = part if partial.value is None else leafwise(lambda a, b: a + b, partial.value, part)
             return Partial(op, value, 0.0, partial.clients + clients)
         if op == "federated_mean":
@@ -131,7 +142,10 @@ class Aggregator:
         if b.value is None:
             return a
         op = self.op
-        if op in ("federated_sum", "federated_secure_sum", "federated_mean"):
+        if op == "federated_secure_sum":
+            raise ValueError("a secure sum runs one protocol over all of a round's clients; its partials "
+                             "cannot be merged")
+        if op in ("federated_sum", "federated_mean"):
             value = leafwise(lambda x, y: x + y, a.value, b.value)
         elif op in ROBUST:
             value = a.value + b.value
@@ -163,8 +177,10 @@ class Aggregator:
             stacked = leafwise(lambda *parts: np.concatenate(parts), *partial.value)
             return robust_aggregate(op, stacked, self.attrs)
         if op == "federated_secure_sum":
-            modulus = 1 << int(self.attrs["bitwidth"])
-            return leafwise(lambda x, z: np.asarray(np.mod(x, modulus)).astype(z.dtype), partial.value, _zeros(t))
+            from fedlang.backends.secagg import unflatten
+            session, layout = partial.value
+            total = unflatten(session.finish().sum, layout)     # int64 leaves in [0, 2^bitwidth)
+            return leafwise(lambda x, z: np.asarray(x).astype(z.dtype), total, _zeros(t))
         return leafwise(lambda x, z: np.asarray(x).astype(z.dtype), partial.value, _zeros(t))
 
 

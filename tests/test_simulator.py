@@ -217,7 +217,10 @@ def test_partials_merged_over_any_chunking_equal_the_intrinsic(n, cuts, op, weig
         stacked = Struct((np.stack([v[0] for v in values[lo:hi]]), np.stack([v[1] for v in values[lo:hi]])),
                          ("a", "b"))
         w = None if weights is None else np.asarray(weights[lo:hi])
-        partials.append(agg.add(agg.empty(), stacked, hi - lo, w))
+        if integer:       # one secure aggregation session for the round, fed group by group
+            partial = agg.add(partial, stacked, hi - lo, w, start=lo, total=n)
+        else:
+            partials.append(agg.add(agg.empty(), stacked, hi - lo, w))
     for p in partials:
         partial = agg.merge(partial, p)
     assert close(agg.report(partial), expected, rtol=1e-5, atol=1e-6)
