@@ -1,8 +1,8 @@
 """Built-in data sets: the digits split of BENCHMARKS W1 and the sensors of W0.
 
 `digits_w1()` is the one definition of the W1 data (clients, test set, initial
-MLP weights) that the benchmarks and the tests share; `digits` and
-`digits:test` serve it as client data.
+MLP weights) that the benchmarks and the tests share; `digits`,
+`digits:test` and `digits:test:N` serve it as client data.
 """
 
 from __future__ import annotations
@@ -89,6 +89,20 @@ def digits_source(split: str = "train") -> ArraySource:
         return ArraySource("digits:test", ["test"], per_client=[{"x": data.x_test, "y": data.y_test}])
     return ArraySource("digits", [str(i) for i in range(DIGITS_CLIENTS)],
                        per_client=[{"x": x, "y": y} for x, y in zip(data.client_x, data.client_y)])
+
+
+def digits_test_source(spec: str, count: str) -> ArraySource:
+    """`digits:test:N`: the 297 test examples in order, split into N clients "0".."N-1" of
+    consecutive examples (sizes differ by at most one, as numpy.array_split makes them), so
+    a program can evaluate on clients that pair up with the N clients of another data set."""
+    n = int(count) if count.isdigit() else 0
+    if not 1 <= n <= DIGITS_TEST:
+        raise DataError(f"{spec}: the number of test clients must be a whole number from 1 to {DIGITS_TEST}, "
+                        f"as in digits:test:100")
+    data = digits_w1()
+    offsets = np.concatenate([[0], np.cumsum([len(part) for part in np.array_split(np.arange(DIGITS_TEST), n)])])
+    return ArraySource(spec, [str(i) for i in range(n)], features={"x": data.x_test, "y": data.y_test},
+                       offsets=offsets)
 
 
 def sensor_readings(n: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """`open_source(SPEC)`: from the text after `--data NAME=` to a client source.
 
   digits | digits:test        BENCHMARKS W1's split of scikit-learn's digits
+  digits:test:N               its test set split over N clients (to pair with N training clients)
   sensors | sensors:N         BENCHMARKS W0's temperature readings
   FOLDER                      one CLIENT_ID.npz per client
   FILE.sqlite[.lzma][:SPLIT]  TFF SqlClientData (e.g. emnist_all.sqlite.lzma:digits_only_train)
@@ -14,11 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedlang.backends.data.builtins import digits_source, sensors_source
+from fedlang.backends.data.builtins import digits_source, digits_test_source, sensors_source
 from fedlang.backends.data.errors import DataError
 from fedlang.backends.data.sources import ClientSource
 
-BUILTINS = ("digits", "digits:test", "sensors", "sensors:N")
+BUILTINS = ("digits", "digits:test", "digits:test:N", "sensors", "sensors:N")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _XZ_MAGIC = b"\xfd7zXZ\x00"
@@ -35,9 +36,13 @@ def open_source(spec: str) -> ClientSource:
         raise DataError(f"empty data spec; {_SPEC_HELP}")
     head, _, rest = spec.partition(":")
     if head == "digits":
+        split, _, count = rest.partition(":")
+        if split == "test" and count:
+            return _cached(("digits", "test", count), lambda: digits_test_source(spec, count))
         if rest not in ("", "train", "test"):
             raise DataError(f"{spec}: digits has the splits train (the default: 100 clients) and test "
-                            f"(one client \"test\"); write digits or digits:test")
+                            f"(one client \"test\"; digits:test:N splits it over N clients); write digits, "
+                            f"digits:test or digits:test:N")
         return _cached(("digits", rest or "train"), lambda: digits_source(rest or "train"))
     if head == "sensors":
         return _cached(("sensors", rest), lambda: sensors_source(spec))
