@@ -196,8 +196,13 @@ def compile_plan(program, source_name: str, sources: dict[str, str]) -> Plan:
     from fedlang.backends.tensorflow.lower import LoweringError
     from fedlang.ir.phases import PhaseSplitError
 
-    plan = Plan(source_name, source_digest(sources), {}, dict(program.processes))
-    for name in program.root:
+    # the root module's processes (an imported module's are not entry points), and every comp they
+    # or the root module name (a process may name an imported comp: `next = lib.round`)
+    processes = {k: v for k, v in program.processes.items() if k in program.root}
+    plan = Plan(source_name, source_digest(sources), {}, processes)
+    names = list(program.root)
+    names += [c for pair in processes.values() for c in pair if c not in names]
+    for name in names:
         function = program.functions.get(name)
         if function is None or not function.federated:
             continue
