@@ -9,6 +9,11 @@ is checkpointed atomically; `--resume DIR` reads the run's settings from
 DIR/run.json, the state from DIR/checkpoint/ and continues, dropping metrics
 lines of a round whose checkpoint was never written.
 
+The round loop is the same for every runtime; only the executor of client
+phases differs: the local simulator, or with `runtime="ray"` the Ray runtime
+(fedlang.backends.ray_runtime), whose metrics lines also say `retried_shards`
+and `lost_clients` (docs/distributed.md).
+
 Out dir layout:  run.json  metrics.jsonl  checkpoint/{state.npz,checkpoint.json}
                  state.npz + state.json (final state)  result.json (a computation's result)
 """
@@ -30,6 +35,7 @@ import numpy as np
 
 from fedlang.backends import layout
 from fedlang.backends.plan import Plan, PlanError
+from fedlang.backends.privacy import PrivacyLedger, noise_multiplier_of
 from fedlang.backends.simulator import Simulator
 from fedlang.ir.types import FederatedType, Placement, SequenceType, StructType, TensorType, Type
 from fedlang.ir.values import Struct
@@ -56,6 +62,11 @@ class RunConfig:
     dropout: float = 0.0
     out: str | None = None
     logdir: str | None = None
+    dp_delta: float = 1e-5            # privacy accounting (docs/privacy.md)
+    dp_accountant: str = "rdp"
+    runtime: str = "local"             # local (the simulator) | ray (docs/distributed.md)
+    address: str | None = None         # ray: None (a local instance), auto, ray://HOST:PORT
+    num_workers: int | None = None     # ray: default one per CPU of the cluster
 
 
 def _parse_type(text: str) -> Type:
@@ -210,7 +221,7 @@ def _summary(metrics: dict) -> str:
     parts = []
     for k, v in metrics.items():
         if isinstance(v, float):
-            parts.append(f"{k}={v:.4f}")
+            parts.append(f"{k}={v:.1e}" if 0 < abs(v) < 1e-3 else f"{k}={v:.4f}")
         elif isinstance(v, (int, str)):
             parts.append(f"{k}={v}")
     return "  ".join(parts)
@@ -235,11 +246,46 @@ def format_value(value: Any) -> str:
 
 class Runner:
     def __init__(self, plan: Plan, config: RunConfig, out: Path, stdout: TextIO | None = None,
-                 progress: bool = True):
+                 progress: bool = True, executor: Simulator | None = None):
+        """`executor`: a runtime to use instead of making one from `config` (e.g. Ray workers kept
+        warm across runs of the same plan); the caller keeps it and closes it."""
         self.plan, self.config, self.out = plan, config, out
         self.stdout = stdout if stdout is not None else sys.stdout
         self.progress = progress
-        self.sim = Simulator(plan, config.clients_per_chunk)
+        self._owns_executor = executor is None
+        self.sim = self._runtime() if executor is None else executor
+        if hasattr(self.sim, "on_worker_loss"):
+            self.sim.on_worker_loss = _on_worker_loss(config)
+
+    def _runtime(self) -> Simulator:
+        """The executor of client phases: the local simulator, or the Ray runtime (the round loop
+        below is the same for both)."""
+        cfg = self.config
+        if cfg.runtime == "local":
+            return Simulator(self.plan, cfg.clients_per_chunk)
+        if cfg.runtime != "ray":
+            raise RunError(f"unknown runtime {cfg.runtime!r}; the runtimes are local and ray")
+        from fedlang.backends.ray_runtime import RaySimulator, RayUnavailable, require_ray
+        try:
+            require_ray()
+        except RayUnavailable as error:
+            raise RunError(str(error)) from None
+        target = Path(cfg.target)
+        plan_path = str(target.resolve()) if (target / "plan.json").is_file() else None
+        return RaySimulator(self.plan, plan_path, cfg.num_workers, cfg.address, cfg.clients_per_chunk,
+                            on_worker_loss=_on_worker_loss(cfg))
+
+    def _start_runtime(self) -> None:
+        if not hasattr(self.sim, "start"):
+            return
+        self.sim.start()
+        hosts = sorted({w["host"] for w in self.sim.worker_info})
+        self.say(f"runtime: ray, {len(self.sim.workers)} workers on {len(hosts)} node"
+                 f"{'' if len(hosts) == 1 else 's'} ({', '.join(hosts[:4])}{', ...' if len(hosts) > 4 else ''})")
+
+    def _runtime_stats(self) -> dict:
+        """retried_shards and lost_clients of the last call (the Ray runtime); {} locally."""
+        return dict(getattr(self.sim, "last_stats", None) or {})
 
     def say(self, text: str) -> None:
         from tqdm import tqdm
@@ -250,9 +296,13 @@ class Runner:
         comp_name, process = choose_entry(self.plan, self.config.entry)
         comp = self.plan.computations[comp_name]
         params = [(n, _parse_type(t)) for n, t in comp.params]
-        if process is None:
-            return self._run_once(comp_name, params)
-        return self._run_process(process, comp_name, params, resume)
+        try:
+            if process is None:
+                return self._run_once(comp_name, params)
+            return self._run_process(process, comp_name, params, resume)
+        finally:
+            if self._owns_executor and hasattr(self.sim, "close"):
+                self.sim.close()
 
     def _describe(self, bindings: list[Binding]) -> None:
         for b in bindings:
@@ -266,14 +316,20 @@ class Runner:
 
     def _call(self, name: str, args: list) -> Any:
         from fedlang.backends.data import DataError
+        from fedlang.backends.secagg import SecAggError
         try:
             return self.sim.call(name, args)
-        except DataError as error:
+        except (DataError, SecAggError) as error:
             raise RunError(str(error)) from None
+        except Exception as error:
+            if type(error).__name__ == "SecureSumOnRay":
+                raise RunError(str(error)) from None
+            raise
 
     def _run_once(self, name: str, params: list) -> int:
         bindings, fixed = bind_parameters(params, self.config, skip_first=False)
         self._describe(bindings)
+        self._start_runtime()
         n = _common_clients(bindings)
         data = iter(self._bind(bindings, list(range(n))))
         args = [next(data) if _is_client_data(t) else fixed[i] for i, (_, t) in enumerate(params)]
@@ -282,9 +338,10 @@ class Runner:
         seconds = time.perf_counter() - start
         self.out.mkdir(parents=True, exist_ok=True)
         comp_t = _parse_type(self.plan.computations[name].type)
+        stats = self._runtime_stats()
         (self.out / "result.json").write_text(json.dumps(
-            {"computation": name, "type": str(comp_t), "clients": n, "seconds": seconds,
-             "result": metrics_dict(result)}, indent=1) + "\n")
+            {"computation": name, "type": str(comp_t), "clients": n - stats.get("lost_clients", 0),
+             "seconds": seconds, **stats, "result": metrics_dict(result)}, indent=1) + "\n")
         self.say(f"{name}({', '.join(n for n, _ in params)}) over {n} clients = {format_value(result)}")
         self.say(f"result written to {self.out / 'result.json'}")
         return 0
@@ -297,6 +354,7 @@ class Runner:
         rounds = cfg.rounds if cfg.rounds is not None else DEFAULT_ROUNDS
         bindings, fixed = bind_parameters(params, cfg, skip_first=True)
         self._describe(bindings)
+        self._start_runtime()
         total = _common_clients(bindings)
         per_round = min(cfg.clients_per_round or DEFAULT_CLIENTS_PER_ROUND, total)
         state_t = params[0][1].member if isinstance(params[0][1], FederatedType) else params[0][1]
@@ -318,6 +376,7 @@ class Runner:
         bar = tqdm(total=rounds, initial=start_round, desc=process, unit="round", file=sys.stderr,
                    disable=not self.progress or not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
         last: dict = {}
+        ledger = _ledger(cfg, metrics_path, per_round / max(total, 1))
         try:
             for r in range(start_round, rounds):
                 began = time.perf_counter()
@@ -327,6 +386,8 @@ class Runner:
                 line: dict[str, Any] = {"round": r}
                 if not survivors:
                     line.update({"clients": 0, "dropped": len(selected), "skipped": True})
+                    if hasattr(self.sim, "last_stats"):
+                        line.update({"retried_shards": 0, "lost_clients": 0})
                     note = "no client survived: the state is kept"
                 else:
                     data = iter(self._bind(bindings, survivors))
@@ -338,8 +399,14 @@ class Runner:
                     else:
                         state, metrics = out, None
                     line.update(metrics_dict(metrics))
-                    line.update({"clients": len(survivors), "dropped": len(selected) - len(survivors)})
+                    stats = self._runtime_stats()
+                    counted = len(survivors) - stats.get("lost_clients", 0)
+                    line.update({"clients": counted, "dropped": len(selected) - counted, **stats})
                     note = ""
+                z = noise_multiplier_of(line)
+                if z is not None:              # a DP process: the privacy spent so far
+                    ledger.spend(per_round / max(total, 1), z)
+                    line.update({"epsilon": ledger.epsilon(), "delta": ledger.delta})
                 line["seconds"] = round(time.perf_counter() - began, 6)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(line) + "\n")
@@ -365,10 +432,28 @@ class Runner:
         shutil.rmtree(self.out / "final", ignore_errors=True)
         if writer is not None:
             writer.flush()
-        final = {k: v for k, v in last.items() if k not in ("round", "seconds", "skipped", "clients", "dropped")}
+        final = {k: v for k, v in last.items() if k not in ("round", "seconds", "skipped", "clients", "dropped",
+                                                            "retried_shards", "lost_clients")}
         self.say(f"done: {rounds} rounds; final {_summary(final) or 'state saved'}")
         self.say(f"metrics: {metrics_path}   final state: {self.out / 'state.npz'}")
         return 0
+
+
+def _on_worker_loss(config: RunConfig) -> str:
+    """A run with --dropout already aggregates over the clients that answer: the shard of a worker
+    that dies counts as dropped. Without, the shard is retried on another worker."""
+    return "drop" if config.dropout else "retry"
+
+
+def _ledger(cfg: RunConfig, metrics_path: Path, rate: float) -> PrivacyLedger:
+    """The privacy ledger of a run, with the rounds a resumed run keeps already spent."""
+    ledger = PrivacyLedger(cfg.dp_delta, cfg.dp_accountant)
+    if metrics_path.exists():
+        for text in metrics_path.read_text().splitlines():
+            z = noise_multiplier_of(json.loads(text)) if text.strip() else None
+            if z is not None:
+                ledger.spend(rate, z)
+    return ledger
 
 
 def _common_clients(bindings: list[Binding]) -> int:

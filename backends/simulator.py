@@ -15,11 +15,16 @@ and per-step row counts so every client computes exactly what it would alone)
 and each aggregation folds the chunk's stacked results into a partial
 (fedlang.backends.aggregation) before the next chunk runs, so memory is bounded
 by the chunk size. A `per_client` phase runs client by client.
+
+The chunk loop is `Simulator.run_clients` (one group of clients: all of a call's
+here, a worker's shard in the Ray runtime, fedlang.backends.ray_runtime, which
+subclasses Simulator and replaces `_client_phase`, the executor of client phases).
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -31,6 +36,22 @@ from fedlang.ir.values import Struct, leafwise
 
 # Automatic chunk size: about this many scalars of client data per chunk (~256 MB of float32).
 CHUNK_BUDGET = 64_000_000
+
+
+@dataclass
+class ClientGroup:
+    """What `Simulator.run_clients` gives for one group of clients (a whole call's clients in
+    the simulator, a worker's shard in the Ray runtime)."""
+    partials: list              # one Partial per aggregation (an empty one for those deferred)
+    deferred: dict[int, list]   # deferred aggregation index -> per chunk, in client order, what
+                                # Aggregator.add takes: (first client, clients, value, weights)
+    outputs: dict[str, list]    # client outputs kept for a later client phase or the result -> per client
+
+
+def phase_values(phase: PhasePlan, args: Sequence[Any], kept: dict) -> list:
+    """One entry per input of client phase `phase`, as `Simulator.run_clients` reads them."""
+    return [None if v["role"] == "broadcast" else kept[v["name"]] if v["role"] == "client"
+            else _argument(args, v["param"]) for v in phase.inputs]
 
 
 class Simulator:
@@ -75,17 +96,46 @@ class Simulator:
             return _argument(args, v["param"])
         return server[v["name"]]
 
-    def _chunks(self, n: int, phase: PhasePlan, args) -> list[range]:
+    def _chunks(self, n: int, phase: PhasePlan, values: list) -> list[range]:
         size = self.clients_per_chunk
         if size is None:
-            size = max(1, min(n, CHUNK_BUDGET // max(1, _scalars_per_client(phase, args, n))))
+            size = max(1, min(n, CHUNK_BUDGET // max(1, _scalars_per_client(phase, values, n))))
         return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
     def _client_phase(self, phase: PhasePlan, args, n: int, server: dict, kept: dict, results: dict) -> None:
-        from fedlang.ir.batching import stack_clients, unstack_clients
-
+        """Run a client phase over all `n` clients of the call (the local executor; a distributed
+        runtime overrides this and runs `run_clients` on each worker's shard)."""
         aggregators = [self._aggregator(a, server) for a in phase.aggregations]
+        group = self.run_clients(phase, phase_values(phase, args, kept), n, server, aggregators,
+                                 total=n, on_chunk=self.on_chunk)
+        for name, values in group.outputs.items():
+            kept[name] = values
+            results[name] = values
+        for agg, spec, partial in zip(aggregators, phase.aggregations, group.partials):
+            server[spec["result"]] = agg.report(partial)
+
+    def run_clients(self, phase: PhasePlan, values: list, n: int, server: dict, aggregators: list[Aggregator],
+                    *, offset: int = 0, total: int | None = None, defer: Sequence[int] = (),
+                    on_chunk: Callable[[int, int], None] | None = None) -> "ClientGroup":
+        """The chunk loop: run client phase `phase` on a group of `n` clients and fold each chunk's
+        results into partial aggregates at once.
+
+        `values` holds one entry per phase input (`phase_values`): for a `param` input the
+        argument (a list, array or BoundClients with one entry per client of the group when the
+        input is listed), for a `client` input the group's kept values, for a `broadcast` input
+        anything (it is read from `server`). The group's clients are clients `offset ..
+        offset + n - 1` of a call over `total` (where federated_aggregate cuts its halves).
+        Aggregations whose index is in `defer` are not folded here: what each chunk would add is
+        returned (`deferred`, chunk starts relative to the group) for the caller to add in client
+        order -- for the aggregations whose partials cannot be merged (a federated_aggregate fold
+        is sequential; a secure sum is one protocol over all of a call's clients), so that a
+        worker of a distributed runtime cannot finish its part alone."""
+        from fedlang.ir.batching import unstack_clients
+
+        total = n if total is None else total
+        defer = frozenset(defer)
         partials = [a.empty() for a in aggregators]
+        deferred: dict[int, list] = {k: [] for k in defer}
         names = [o["name"] for o in phase.outputs]
         keep = [o["name"] for o in phase.outputs if "client" in o["role"].split("+") or
                 "result" in o["role"].split("+")]
@@ -94,33 +144,32 @@ class Simulator:
         if phase.rows:
             stack_kwargs["rows"] = True
         done = 0
-        for chunk in self._chunks(n, phase, args):
+        for chunk in self._chunks(n, phase, values):
             columns = []
-            for v in phase.inputs:
+            for v, value in zip(phase.inputs, values):
                 if v["role"] == "broadcast":
                     columns.append(server[v["name"]])
                 elif v["role"] == "client":
-                    columns.append([kept[v["name"]][c] for c in chunk])
+                    columns.append(value[chunk.start:chunk.stop])
                 else:
-                    value = _argument(args, v["param"])
                     # a list, or BoundClients (binds just this chunk's clients)
                     columns.append(value[chunk.start:chunk.stop] if v.get("listed") else value)
             if phase.mode == "vectorized":
-                values = [self._stack(col, self.type_of(v["type"]), stack_kwargs)
-                          if v.get("batched") else col[0] if v.get("listed") else col
-                          for v, col in zip(phase.inputs, columns)]
-                out = phase.function(*values)
+                stacked_in = [self._stack(col, self.type_of(v["type"]), stack_kwargs)
+                              if v.get("batched") else col[0] if v.get("listed") else col
+                              for v, col in zip(phase.inputs, columns)]
+                out = phase.function(*stacked_in)
                 stacked = dict(zip(names, out.values))
                 for k in keep:
                     collected[k].extend(unstack_clients(stacked[k], len(chunk), ragged=True))
 
-                def members(name, stacked=stacked, size=len(chunk)):
+                def chunk_members(name, stacked=stacked, size=len(chunk)):
                     return unstack_clients(stacked[name], size, ragged=True)
             else:
                 per_client = []
                 for j in range(len(chunk)):
-                    values = [col[j] if v.get("listed") else col for v, col in zip(phase.inputs, columns)]
-                    per_client.append(phase.function(*values))
+                    one = [col[j] if v.get("listed") else col for v, col in zip(phase.inputs, columns)]
+                    per_client.append(phase.function(*one))
                 stacked, columns_out = {}, {}
                 for i, name in enumerate(names):
                     column = columns_out[name] = [o.values[i] for o in per_client]
@@ -128,20 +177,20 @@ class Simulator:
                         collected[name].extend(column)
                     stacked[name] = _stack(column)
 
-                def members(name, columns_out=columns_out):
+                def chunk_members(name, columns_out=columns_out):
                     return columns_out[name]
             for k, (agg, spec) in enumerate(zip(aggregators, phase.aggregations)):
                 weights = stacked[spec["weight"]] if spec["weight"] else None
-                value = members(spec["value"]) if spec["op"] == "federated_aggregate" else stacked[spec["value"]]
-                partials[k] = agg.add(partials[k], value, len(chunk), weights, start=chunk.start, total=n)
+                value = chunk_members(spec["value"]) if spec["op"] == "federated_aggregate" else stacked[spec["value"]]
+                if k in defer:
+                    deferred[k].append((chunk.start, len(chunk), value, weights))
+                    continue
+                partials[k] = agg.add(partials[k], value, len(chunk), weights, start=offset + chunk.start,
+                                      total=total)
             done += len(chunk)
-            if self.on_chunk is not None:
-                self.on_chunk(done, n)
-        for name, values in collected.items():
-            kept[name] = values
-            results[name] = values
-        for agg, spec, partial in zip(aggregators, phase.aggregations, partials):
-            server[spec["result"]] = agg.report(partial)
+            if on_chunk is not None:
+                on_chunk(done, n)
+        return ClientGroup(partials, deferred, collected)
 
     def _stack(self, values: list, t, kwargs: dict) -> Any:
         from fedlang.ir.batching import stack_clients
@@ -300,15 +349,14 @@ def _num_clients(comp: ComputationPlan, args: Sequence[Any], sim: Simulator, cli
     return clients or 0
 
 
-def _scalars_per_client(phase: PhasePlan, args, n: int) -> int:
+def _scalars_per_client(phase: PhasePlan, values: list, n: int) -> int:
     """A rough size of one client's inputs (for the automatic chunk size)."""
     if n == 0:
         return 1
     sample = range(0, n, max(1, n // 64))          # about 64 clients, evenly spread
     total = 0
-    for v in phase.inputs:
+    for v, value in zip(phase.inputs, values):
         if v["role"] == "param" and v.get("batched"):
-            value = _argument(args, v["param"])
             total += max(_size(value[c]) for c in sample)
     return max(total, 1)
 

@@ -9,6 +9,7 @@
                                                  executable plan (a directory)
     fedlang run FILE.fed|PLAN [options]          run a process for R rounds (or a comp
                                                  once) on client data, in the simulator
+                                                 (or on Ray workers: --runtime ray)
     fedlang --version
 
 Users never see a Python traceback: their mistakes are diagnostics, and a bug
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="write what --emit produces to OUT; without --emit, write the "
                                "executable plan (a directory, e.g. prog.fedplan)")
     run = commands.add_parser(
-        "run", help="run a program or a compiled plan in the local simulator",
+        "run", help="run a program or a compiled plan (in the local simulator, or on Ray workers)",
         description="Run a process of FILE (a .fed program, compiled in memory, or a plan directory "
                     "written by `fedlang compile -o`) for --rounds rounds, or, if it has no process, "
                     "its first comp once. Client parameters are bound to data with --data NAME=SPEC "
@@ -65,14 +66,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="clients sampled per round (default 10)")
     run.add_argument("--seed", type=int, default=0, help="seed of client sampling and dropout (default 0)")
     run.add_argument("--data", action="append", default=[], metavar="NAME=SPEC",
-                     help="bind client parameter NAME: digits, digits:test, sensors[:N], a folder of .npz "
-                          "files, a TFF .sqlite[.lzma][:SPLIT] or .h5 file")
+                     help="bind client parameter NAME: digits, digits:test[:N], sensors[:N], a folder of "
+                          ".npz files, a TFF .sqlite[.lzma][:SPLIT] or .h5 file")
     run.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
                      help="value of a server parameter (a number or JSON)")
     run.add_argument("--batch-size", type=_positive, metavar="B", help="examples per batch (default: the "
                                                                        "program's fixed batch size, else 16)")
     run.add_argument("--clients-per-chunk", type=_positive, metavar="N",
                      help="clients vectorized together (default: as many as fit about 256 MB of data)")
+    run.add_argument("--dp-delta", type=_probability, default=1e-5, metavar="D",
+                     help="delta of the (epsilon, delta) a differentially private process reports (default 1e-5)")
+    run.add_argument("--dp-accountant", choices=("rdp", "pld"), default="rdp",
+                     help="privacy accountant of dp-accounting (default rdp)")
     run.add_argument("--dropout", type=_probability, default=0.0, metavar="P",
                      help="drop each selected client with probability P (seeded)")
     run.add_argument("--out", metavar="DIR", help="output folder (default runs/NAME-TIMESTAMP)")
@@ -81,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--plot", metavar="FILE.png", help="draw the metrics of every round into FILE.png "
                                                         "(matplotlib)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    run.add_argument("--runtime", choices=("local", "ray"),
+                     help="where client phases run: local (the simulator, the default) or ray (sharded over "
+                          "Ray workers; pip install 'fedlang[ray]'; see docs/distributed.md)")
+    run.add_argument("--address", metavar="auto|ray://HOST:PORT",
+                     help="with --runtime ray: the Ray cluster (auto: the one this node joined with "
+                          "`ray start`; default: start a local Ray instance)")
+    run.add_argument("--num-workers", type=_positive, metavar="N",
+                     help="with --runtime ray: Ray workers (default: one per free CPU of the cluster)")
     return parser
 
 
@@ -451,7 +464,9 @@ def _run(args) -> int:
     config = RunConfig(target=target, entry=args.entry, rounds=args.rounds,
                        clients_per_round=args.clients_per_round, seed=args.seed, data=data, args=values,
                        batch_size=args.batch_size, clients_per_chunk=args.clients_per_chunk,
-                       dropout=args.dropout, out=args.out, logdir=args.logdir)
+                       dropout=args.dropout, out=args.out, logdir=args.logdir,
+                       dp_delta=args.dp_delta, dp_accountant=args.dp_accountant, runtime=args.runtime,
+                       address=args.address, num_workers=args.num_workers)
     resume = args.resume is not None
     if resume:
         out = Path(args.resume)
@@ -465,6 +480,21 @@ def _run(args) -> int:
                   file=sys.stderr)
             return EXIT_ERRORS
         config = RunConfig(**{**saved, "target": target})
+    # where the client phases run does not change the result: given flags win over the saved ones
+    for flag in ("runtime", "address", "num_workers"):
+        if getattr(args, flag) is not None:
+            setattr(config, flag, getattr(args, flag))
+    if config.runtime is None:
+        config.runtime = "local"
+    if config.runtime != "ray" and (args.address is not None or args.num_workers is not None):
+        print("fedlang run: --address and --num-workers go with --runtime ray", file=sys.stderr)
+        return EXIT_USAGE
+    if config.runtime == "ray":
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:
+            print("fedlang run: --runtime ray needs Ray, which is not installed here: "
+                  "pip install 'fedlang[ray]'  (or: pip install 'ray>=2.9')", file=sys.stderr)
+            return EXIT_ERRORS
     if not os.path.exists(target):
         print(f"fedlang run: {target}: no such file or plan directory", file=sys.stderr)
         return EXIT_ERRORS
