@@ -118,10 +118,12 @@ class PhasePlan:
     function: PlanFunction
     rows: bool = False              # vectorized with per-step row counts (ragged batches)
     forward: list | None = None     # a server phase that only passes values on: per output [input, path..]
+    fallback: PlanFunction | None = None   # vectorized phase: the phase for one client, for clients whose
+                                           # tensors differ in shape outside sequences (no stacking)
 
     def to_json(self) -> dict:
         return {"index": self.index, "kind": self.kind, "name": self.name, "mode": self.mode, "rows": self.rows,
-                "forward": self.forward,
+                "forward": self.forward, "fallback": self.fallback.key if self.fallback else None,
                 "inputs": self.inputs, "outputs": self.outputs, "aggregations": self.aggregations,
                 "function": self.function.key}
 
@@ -267,9 +269,14 @@ def _compile_computation(plan: Plan, name: str, function, program) -> None:
                                             "arity": len(f.params)}
             aggregations.append(entry)
         outputs = [{"name": v.name, "type": str(v.type), "role": v.role} for v in phase.outputs]
+        fallback = None
+        if mode == "vectorized" and any(_has_free_dim(t) for (_, t), b in zip(phase.function.params, batched) if b):
+            fallback = PlanFunction(key + ".per_client", [t for _, t in phase.function.params],
+                                    phase.function.type.result, True, phase_function(phase.function, sub, True))
+            plan.functions[fallback.key] = fallback
         comp.phases.append(PhasePlan(phase.index, phase.kind, phase.name, mode, inputs, outputs,
                                      aggregations, pf, rows,
-                                     _forwarding(phase.function) if phase.kind == "server" else None))
+                                     _forwarding(phase.function) if phase.kind == "server" else None, fallback))
     plan.computations[name] = comp
     plan.order.append(name)
 
@@ -308,6 +315,17 @@ def _vectorize(vectorize, function, batched, program) -> tuple[Any, bool]:
     if any(_has_row_leaf(t) for (_, t), b in zip(function.params, batched) if b):
         raise NotVectorizable("batches of different sizes need per-step row counts")
     return vectorize(function, batched, program, ragged=True), False
+
+
+def _has_free_dim(t: Type) -> bool:
+    """A `?` in a tensor outside sequences: clients may hold different shapes, which no stacking
+    pads (sequences of batches carry row counts instead)."""
+    from fedlang.ir.types import SequenceType, TensorType
+    if isinstance(t, TensorType):
+        return None in t.shape
+    if isinstance(t, StructType):
+        return any(_has_free_dim(f) for f in t.types)
+    return False
 
 
 def _has_row_leaf(t: Type) -> bool:
@@ -384,7 +402,7 @@ def load_plan(path: str | os.PathLike) -> Plan:
         for name, c in manifest["computations"].items():
             phases = [PhasePlan(p["index"], p["kind"], p["name"], p["mode"], p["inputs"], p["outputs"],
                                 p["aggregations"], functions[p["function"]], bool(p.get("rows", False)),
-                                p.get("forward"))
+                                p.get("forward"), functions[p["fallback"]] if p.get("fallback") else None)
                       for p in c["phases"]]
             for p in phases:
                 for agg in p.aggregations:

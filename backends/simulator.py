@@ -154,10 +154,17 @@ class Simulator:
                 else:
                     # a list, or BoundClients (binds just this chunk's clients)
                     columns.append(value[chunk.start:chunk.stop] if v.get("listed") else value)
+            stacked_in = None
             if phase.mode == "vectorized":
-                stacked_in = [self._stack(col, self.type_of(v["type"]), stack_kwargs)
-                              if v.get("batched") else col[0] if v.get("listed") else col
-                              for v, col in zip(phase.inputs, columns)]
+                try:
+                    stacked_in = [self._stack(col, self.type_of(v["type"]), stack_kwargs)
+                                  if v.get("batched") else col[0] if v.get("listed") else col
+                                  for v, col in zip(phase.inputs, columns)]
+                except ValueError:
+                    # clients' tensors of different shapes (a `?` outside a sequence): client by client
+                    if phase.fallback is None:
+                        raise
+            if stacked_in is not None:
                 out = phase.function(*stacked_in)
                 stacked = dict(zip(names, out.values))
                 for k in keep:
@@ -166,10 +173,11 @@ class Simulator:
                 def chunk_members(name, stacked=stacked, size=len(chunk)):
                     return unstack_clients(stacked[name], size, ragged=True)
             else:
+                function = phase.fallback if phase.mode == "vectorized" else phase.function
                 per_client = []
                 for j in range(len(chunk)):
                     one = [col[j] if v.get("listed") else col for v, col in zip(phase.inputs, columns)]
-                    per_client.append(phase.function(*one))
+                    per_client.append(function(*one))
                 stacked, columns_out = {}, {}
                 for i, name in enumerate(names):
                     column = columns_out[name] = [o.values[i] for o in per_client]
@@ -198,8 +206,11 @@ class Simulator:
         from fedlang.ir.types import TensorType
 
         if isinstance(t, TensorType) and t.dtype != "string":
-            stacked = np.asarray(values, np.dtype(t.dtype))       # one C loop, not one per client
-            if stacked.shape[1:] == tuple(np.shape(values[0])) and stacked.dtype != object:
+            try:
+                stacked = np.asarray(values, np.dtype(t.dtype))   # one C loop, not one per client
+            except ValueError:
+                stacked = None                                   # shapes differ: np.stack says so below
+            if stacked is not None and stacked.shape[1:] == tuple(np.shape(values[0])):
                 return stacked
         if kwargs.get("rows"):
             fast = _stack_uniform_sequences(values, t)

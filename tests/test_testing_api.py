@@ -294,9 +294,6 @@ def test_what_the_backend_cannot_run_is_said():
         ft.assert_backends_agree(prog.share_above, [[1.0, 2.0], 1.0], clients=3)
 
 
-@pytest.mark.xfail(reason="backends/simulator.py Simulator._stack: np.asarray on client tensors of different "
-                          "sizes raises ValueError (NumPy >= 1.24) instead of falling back to the ragged path",
-                   raises=ValueError, strict=False)
 def test_backends_agree_when_clients_hold_tensors_of_different_sizes(tmp_path):
     source = tmp_path / "ragged.fed"
     source.write_text("comp total(x: {float32[?]}@CLIENTS) -> float32@SERVER =\n"
