@@ -178,13 +178,27 @@ def save_state(folder: Path, value: Any, t: Type, extra: dict) -> None:
     (work / "checkpoint.json").write_text(json.dumps({"type": str(t), **extra}, indent=1) + "\n")
     _fsync_dir(work)
     old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)        # left by a save that was killed half-way
     if folder.exists():
         os.replace(folder, old)
-    os.replace(work, folder)
+    os.replace(work, folder)                      # killed before this line: `old` is the checkpoint
     shutil.rmtree(old, ignore_errors=True)
 
 
+def saved_state(folder: Path) -> Path | None:
+    """The folder holding the last complete save at `folder`: itself, or, when a save was killed
+    between its two renames, the previous save it had moved aside; None if there is none."""
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if (candidate / "checkpoint.json").is_file() and (candidate / "state.npz").is_file():
+            return candidate
+    return None
+
+
 def load_state(folder: Path) -> tuple[Any, dict]:
+    folder = saved_state(folder) or folder
+    for stale in folder.parent.glob(folder.name.split(".")[0] + ".*"):   # temporary folders of killed saves
+        if stale.is_dir() and not stale.name.endswith(".old") and stale != folder:
+            shutil.rmtree(stale, ignore_errors=True)
     info = json.loads((folder / "checkpoint.json").read_text())
     t = _parse_type(info["type"])
     with np.load(folder / "state.npz", allow_pickle=False) as data:

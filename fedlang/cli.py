@@ -472,7 +472,8 @@ def _run(args) -> int:
         out = Path(args.resume)
         try:
             saved = json.loads((out / "run.json").read_text())
-            if not (out / "checkpoint" / "checkpoint.json").is_file():
+            from fedlang.backends.runner import saved_state
+            if saved_state(out / "checkpoint") is None:
                 raise FileNotFoundError("no checkpoint")
         except (OSError, ValueError) as error:
             print(f"fedlang run: --resume {out}: not a run folder with a checkpoint ({error}); "

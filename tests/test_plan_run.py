@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
+from fedlang.ir.values import Struct
 
 MEAN = "examples/mean_temperature.fed"
 FEDAVG = "examples/fedavg_digits.fed"
@@ -243,3 +244,23 @@ def test_resume_after_kill_9_ends_with_the_state_of_an_uninterrupted_run(tmp_pat
     whole, cut = metrics(tmp_path / "whole"), metrics(out)
     strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]  # noqa: E731
     assert strip(whole) == strip(cut)
+
+
+def test_a_save_killed_between_its_renames_loses_nothing(tmp_path):
+    from fedlang.backends.runner import load_state, save_state
+    from fedlang.types import parse
+
+    t = parse("<w=float32[2],n=int32>")
+    first = Struct((np.asarray([1.0, 2.0], np.float32), np.asarray(1, np.int32)), ("w", "n"))
+    second = Struct((np.asarray([3.0, 4.0], np.float32), np.asarray(2, np.int32)), ("w", "n"))
+    folder = tmp_path / "checkpoint"
+    save_state(folder, first, t, {"round": 0})
+    os.replace(folder, tmp_path / "checkpoint.old")          # killed after moving the old save aside
+    (tmp_path / "checkpoint.tmp123").mkdir()                  # and a half-written new one
+    state, info = load_state(folder)
+    assert info["round"] == 0 and np.array_equal(state["w"], first["w"])
+    assert not (tmp_path / "checkpoint.tmp123").exists()
+    save_state(folder, second, t, {"round": 1})               # the leftover .old does not block saving
+    state, info = load_state(folder)
+    assert info["round"] == 1 and np.array_equal(state["w"], second["w"])
+    assert not (tmp_path / "checkpoint.old").exists()

@@ -22,7 +22,7 @@ def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_second():
     assert len(first_block) == 2
     install_and_run, install_and_test = first_block
     assert "pip install ." in install_and_run and "fedlang " in install_and_run
-    assert "pip install '.[test]'" in install_and_test
+    assert "pip install '.[test,ray]'" in install_and_test
     test_command = install_and_test.split("&&")[-1].strip()
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_command in ci.splitlines(), f"{test_command!r} is not a line of .ci/run"
