@@ -9,6 +9,7 @@ Binding (binding.py) checks and converts them against a declared type.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from fedlang.backends.data.errors import DataError
 
 
-class ClientSource:
+class ClientSource(ABC):
     """Per-client examples, feature by feature.
 
     Subclasses set `name` (how messages name the source), `client_ids` (the
@@ -41,8 +42,9 @@ class ClientSource:
             found = self._cache[i] = {k: readonly(v) for k, v in self._load(i).items()}
         return found
 
+    @abstractmethod
     def _load(self, i: int) -> Mapping[str, np.ndarray]:
-        raise NotImplementedError
+        """Client i's features (index checked), before caching."""
 
     def __len__(self) -> int:
         return len(self.client_ids)
@@ -80,8 +82,12 @@ class ArraySource(ClientSource):
             self._per_client = None
 
     def examples(self, i: int) -> dict[str, np.ndarray]:
+        """Read-only views already: no cache needed."""
         if not 0 <= i < len(self.client_ids):
             raise DataError(index_error(self, i))
+        return self._load(i)
+
+    def _load(self, i: int) -> dict[str, np.ndarray]:
         if self._per_client is not None:
             return self._per_client[i]
         lo, hi = self._offsets[i], self._offsets[i + 1]
