@@ -54,7 +54,9 @@ def test_lowerings_take_the_parameters_by_their_names():
 
 
 def test_every_lowering_of_this_module_has_a_case():
-    mine = {name for name, p in PRIMITIVES.items() if getattr(p.lowering, "__module__", None) == ops.__name__}
+    import fedlang.backends.tensorflow.ops_internal as internal
+    modules = (ops.__name__, internal.__name__)
+    mine = {name for name, p in PRIMITIVES.items() if getattr(p.lowering, "__module__", None) in modules}
     assert mine == set(CASES)
 
 
@@ -345,6 +347,19 @@ def reduction_case(draw, name):
         shape = nonempty_along(shape, axis)
     attrs = {"axis": axis} if axis is not None or draw(st.booleans()) else {}
     return (array(draw, dtype, shape, kind),), attrs
+
+
+@case("row_mask", floats="exact")
+@st.composite
+def row_mask_case(draw, name):
+    """The vectorizer's mask of padded rows (lowered in ops_internal.py): counts over the
+    first k axes of `like`, the padded axis after them."""
+    import fedlang.backends.tensorflow.ops_internal  # noqa: F401  (registers the lowering)
+    shape = draw(st.lists(st.integers(0, 4), min_size=2, max_size=4).map(tuple))
+    k = draw(st.integers(1, len(shape) - 1))
+    axis = draw(st.integers(k, len(shape) - 1))
+    counts = np.asarray(draw(hnp.arrays(np.int32, shape[:k], elements=st.integers(0, shape[axis] + 1))))
+    return (counts, np.zeros(shape, np.float32)), {"axis": axis}
 
 
 @case("softmax", "log_softmax")
