@@ -252,7 +252,7 @@ def _compile_computation(plan: Plan, name: str, function, program) -> None:
         # unbatched inputs of a vectorized phase (broadcasts, all-equal values) keep the ragged layout
         in_ragged = [True] * len(fn.params) if ragged else [not e["batched"] for e in inputs]
         pf = PlanFunction(key, [t for _, t in fn.params], fn.type.result, ragged,
-                          phase_function(fn, sub, ragged, in_ragged=in_ragged), in_ragged)
+                          _traced(phase_function(fn, sub, ragged, in_ragged=in_ragged)), in_ragged)
         plan.functions[key] = pf
         aggregations = []
         for k, agg in enumerate(phase.aggregations):
@@ -264,7 +264,7 @@ def _compile_computation(plan: Plan, name: str, function, program) -> None:
                 captured_types = [t for _, t in f.captures]
                 plan.functions[fkey] = PlanFunction(
                     fkey, [t for _, t in f.params] + captured_types, f.type.result, True,
-                    phase_function(f, Program(dict(phase.globals)), True, captured_types))
+                    _traced(phase_function(f, Program(dict(phase.globals)), True, captured_types)))
                 entry["functions"][role] = {"key": fkey, "captured": list(captured),
                                             "arity": len(f.params)}
             aggregations.append(entry)
@@ -272,13 +272,21 @@ def _compile_computation(plan: Plan, name: str, function, program) -> None:
         fallback = None
         if mode == "vectorized" and any(_has_free_dim(t) for (_, t), b in zip(phase.function.params, batched) if b):
             fallback = PlanFunction(key + ".per_client", [t for _, t in phase.function.params],
-                                    phase.function.type.result, True, phase_function(phase.function, sub, True))
+                                    phase.function.type.result, True,
+                                    _traced(phase_function(phase.function, sub, True)))
             plan.functions[fallback.key] = fallback
         comp.phases.append(PhasePlan(phase.index, phase.kind, phase.name, mode, inputs, outputs,
                                      aggregations, pf, rows,
                                      _forwarding(phase.function) if phase.kind == "server" else None, fallback))
     plan.computations[name] = comp
     plan.order.append(name)
+
+
+def _traced(run):
+    """`run` traced now, so what the backend cannot lower is found while compiling (and the
+    comp listed as skipped), not in the middle of a run."""
+    run.get_concrete_function()
+    return run
 
 
 def _forwarding(function) -> list | None:

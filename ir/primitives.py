@@ -886,7 +886,12 @@ def _np_where(c, a, b):
 
 
 def _np_clip(x, lo, hi):
-    return leafwise(lambda a: _a(np.clip(a, lo, hi)).astype(a.dtype), x)
+    def one(a):
+        dtype = _dtype_of(a, lo, hi)      # a literal x takes the dtype of a tensor bound
+        if dtype is None:
+            return min(max(a, lo), hi)    # all literals: fold in Python
+        return _a(np.clip(a, lo, hi)).astype(dtype)
+    return leafwise(one, x)
 
 
 def _np_global_norm(x):

@@ -365,6 +365,11 @@ def _where(c, a, b):
 def _clip(x, lo, hi):
     """np.clip is minimum(maximum(x, lo), hi) (so hi wins when lo > hi), leaf-wise on x."""
     def on(a):
+        if _weak(a):                      # a literal takes the dtype of a tensor bound
+            strong = next((v for v in (lo, hi) if not _weak(v)), None)
+            if strong is None:
+                return min(max(a, lo), hi)
+            a = _const(a, strong.dtype)
         a, low = _unify(a, lo)
         a, high = _unify(a, hi)
         return tf.minimum(tf.maximum(a, low), high)
