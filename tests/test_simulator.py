@@ -150,6 +150,11 @@ def ragged_args(function, seed: int, clients: int) -> list:
     return [ragged_value(t, rng, clients, unknown) for _, t in function.params]
 
 
+# What the TensorFlow backend does not lower (docs/runtime.md, Limits): such comps are listed as
+# skipped in the plan with one of these reasons.
+KNOWN_LIMITS = ("function value", "sequences and functions cannot be carried", "choosing between sequences")
+
+
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow],
           phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target])
 @given(data=st.data(), seed=st.integers(0, 2 ** 32 - 1), chunk=st.sampled_from([None, 1, 2]))
@@ -162,8 +167,8 @@ def test_generated_programs_agree_with_the_interpreter(data, seed, chunk):
     if not comps:
         return
     plan = compile_plan(program, "generated.fed", result.sources.texts)
-    for name, why in plan.skipped.items():      # only functions crossing a phase boundary are out of reach
-        assert "function value" in why, why
+    for name, why in plan.skipped.items():      # only the documented limits (docs/runtime.md) are out of reach
+        assert any(limit in why for limit in KNOWN_LIMITS), why
     sim = Simulator(plan, clients_per_chunk=chunk)
     for name in comps:
         if name in plan.skipped:
