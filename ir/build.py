@@ -348,7 +348,7 @@ class _ExprBuilder:
         if nid in self.literals and isinstance(t, StructType) and node.type != t:
             fields = [self.coerce(f, ft) for f, ft in zip(self.literals[nid], t.types)]
             return self.add("struct", fields, t, node.span, names=t.names)
-        if isinstance(t, StructType) and isinstance(node.type, StructType) and node.type.names != t.names:
+        if isinstance(t, StructType) and isinstance(node.type, StructType) and _names_differ(node.type, t):
             # `(x, y)` where `<a=..,b=..>` is expected: the value takes the expected names too.
             fields = [self.coerce(self.add("select", [nid], ft_given, node.span, index=i), ft)
                       for i, (ft_given, ft) in enumerate(zip(node.type.types, t.types))]
@@ -361,6 +361,13 @@ class _ExprBuilder:
         if not isinstance(t, TensorType):
             t = node.type
         return self.add("const", [], t, node.span, value=np.asarray(value, np.dtype(t.dtype)))
+
+
+def _names_differ(given: Type, expected: Type) -> bool:
+    """Whether a struct value of type `given` needs renaming to `expected`, at any depth."""
+    if isinstance(given, StructType) and isinstance(expected, StructType):
+        return given.names != expected.names or any(_names_differ(a, b) for a, b in zip(given.types, expected.types))
+    return False
 
 
 # Primitives whose scalar arguments are not elementwise partners of a tensor: weak
