@@ -109,8 +109,9 @@ class Aggregator:
                 wsum = float(clients)
             else:
                 w = np.asarray(weights)
-                part = leafwise(lambda x: np.sum(x * w.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)),
-                                                 axis=0, dtype=x.dtype), stacked)
+                with np.errstate(all="ignore"):     # IEEE: inf * 0 is NaN, as in the interpreter
+                    part = leafwise(lambda x: np.sum(x * w.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)),
+                                                     axis=0, dtype=x.dtype), stacked)
                 wsum = float(np.sum(w.astype(np.float64)))
             value = part if partial.value is None else leafwise(lambda a, b: a + b, partial.value, part)
             return Partial(op, value, partial.weight + wsum, partial.clients + clients)
