@@ -105,7 +105,7 @@ def flatten(value: Any, t: Type, ragged: bool, out: list | None = None) -> list:
     elif isinstance(t, SequenceType):
         steps = list(value)
         out.append(np.asarray(len(steps), np.int32))
-        columns = [list(_leaf_values(e, t.element)) for e in steps]
+        columns = [list(leaf_values(e, t.element)) for e in steps]
         for k, leaf in enumerate(leaves(t.element)):
             column = [np.asarray(c[k], _np_dtype(leaf.dtype)) for c in columns]
             if is_flat_leaf(leaf, ragged):
@@ -119,10 +119,11 @@ def flatten(value: Any, t: Type, ragged: bool, out: list | None = None) -> list:
     return out
 
 
-def _leaf_values(value: Any, t: Type) -> Iterator[Any]:
+def leaf_values(value: Any, t: Type) -> Iterator[Any]:
+    """The tensors of a value of type `t`, in leaf order."""
     if isinstance(t, StructType):
         for k, (_, f) in enumerate(t.fields):
-            yield from _leaf_values(value[k], f)
+            yield from leaf_values(value[k], f)
     else:
         yield value
 

@@ -33,19 +33,10 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from conftest import ROOT, run_cli  # noqa: E402
+from test_phases import PROGRAMS  # noqa: E402
 
-EXTRA = """
-fn sub(x: float32, c: float32) -> float32 = x - c
-fn sq(x: float32) -> float32 = x * x
-comp variance(d: {float32}@CLIENTS, scale: float32@SERVER) -> <mean=float32@SERVER,var=float32@SERVER> {
-  let s2 = federated_map(sq, scale)
-  let scaled = federated_map(fn(x: float32, s: float32) -> float32 = x * s, d, federated_broadcast(scale))
-  let center = federated_mean(scaled)
-  let centered = federated_map(sub, scaled, federated_broadcast(center))
-  let var = federated_mean(federated_map(sq, centered))
-  return (mean = federated_map(fn(c: float32, s: float32) -> float32 = c * s, center, s2),
-          var = federated_map(fn(v: float32, s: float32) -> float32 = v / s, var, s2))
-}
+# test_phases' comp that talks to its clients twice, and more
+EXTRA = PROGRAMS["talks_twice"] + """
 fn to_int(x: float32) -> int32 = cast(x * 10.0, int32)
 comp all_kinds(d: {float32}@CLIENTS, w: {float32}@CLIENTS, z0: float32)
     -> <s=float32@SERVER,m=float32@SERVER,lo=float32@SERVER,hi=float32@SERVER,med=float32@SERVER,agg=float32@SERVER> =

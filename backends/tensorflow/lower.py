@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import tensorflow as tf
 
 import fedlang.backends.tensorflow.ops  # noqa: F401  (fills the lowering slots)
-from fedlang.backends.layout import LayoutError, is_flat_leaf, slots
+from fedlang.backends.layout import LayoutError, is_flat_leaf, leaf_values, slots
 from fedlang.diagnostics import InternalCompilerError
 from fedlang.ir.graph import Function, Program
 from fedlang.ir.types import FunctionType, SequenceType, StructType, TensorType, Type, leaves
@@ -73,14 +73,6 @@ def _build(t: Type, parts: Iterator[Any]) -> Any:
     if isinstance(t, StructType):
         return Struct((_build(f, parts) for _, f in t.fields), t.names)
     return next(parts)
-
-
-def _leaf_values(value: Any, t: Type) -> Iterator[Any]:
-    if isinstance(t, StructType):
-        for k, (_, f) in enumerate(t.fields):
-            yield from _leaf_values(value[k], f)
-    else:
-        yield value
 
 
 def as_tensor(value: Any, t: TensorType):
@@ -222,7 +214,7 @@ class Lowerer:
             new_accs = [tf.ensure_shape(a, old.shape) if a.shape != old.shape else a
                         for a, old in zip(new_accs, accs)]
             if ys_t is not None:
-                ys = list(_leaf_values(y, ys_t.element))
+                ys = list(leaf_values(y, ys_t.element))
                 ys = [as_tensor(v, t) for v, t in zip(ys, ys_leaf_types)]
                 arrays = [a.write(k, v) for a, v in zip(arrays, ys)]
                 flat_values = [v for v, flat in zip(ys, flat_ys) if flat]

@@ -18,7 +18,7 @@ from fedlang.testing.compare import first_difference, show
 __all__ = ["BackendCannotRun", "assert_backends_agree", "run_interpreter", "run_tensorflow"]
 
 
-class BackendCannotRun(NotImplementedError):
+class BackendCannotRun(Exception):
     """The TensorFlow backend cannot run this computation (an `fn`, or a comp the plan skips)."""
 
 
